@@ -1,0 +1,57 @@
+"""Model and optimizer state as name-keyed, DTensor-sharded dicts, for every ZeRO stage.
+
+Every stage lays its parameters out as DTensors, so a checkpoint written at one stage and world size loads
+at another: torch.distributed.checkpoint matches the global tensors and reads just the local pieces.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from memtrain.sharding.zero1 import zero1_state
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    return get_model_state_dict(model)
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
+    state: dict[str, Any] = {"model": model_state(model)}
+    if optimizer is not None:
+        state["optimizer"] = optimizer_state(model, optimizer)
+    return state
+
+
+def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    zero1 = zero1_state(optimizer)
+    return zero1.state_dict() if zero1 is not None else get_optimizer_state_dict(model, optimizer)
+
+
+def template_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state with every tensor allocated, for a checkpoint to be read into."""
+    zero1 = zero1_state(optimizer)
+    if zero1 is not None:
+        zero1.init_state()
+    return optimizer_state(model, optimizer)  # torch's get_optimizer_state_dict initializes state itself
+
+
+def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
+    set_model_state_dict(model, state["model"])
+    if optimizer is not None:
+        load_optimizer_state(model, optimizer, state["optimizer"])
+
+
+def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    zero1 = zero1_state(optimizer)
+    if zero1 is not None:
+        zero1.load_state_dict(state)
+    else:
+        set_optimizer_state_dict(model, optimizer, state)

@@ -1,0 +1,51 @@
+"""``apply_sharding``: turn a single-device model into a ZeRO stage 0-3 or hybrid model on FSDP2.
+
+Stages 0 and 1 use FSDP2's replicate (parameters as replicated DTensors, gradients all-reduced per block
+during backward); stages 2 and 3 use ``fully_shard``. Either way every parameter is a DTensor afterwards, so
+``torch.distributed.checkpoint`` can save at one stage or world size and load at another.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch.distributed._composable.replicate_with_fsdp import replicate
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from memtrain.config import ShardingConfig
+from memtrain.sharding.mesh import REPLICATE, SHARD
+from memtrain.sharding.wrap import find_blocks
+
+
+def data_parallel_mesh(sharding: ShardingConfig, mesh: DeviceMesh) -> DeviceMesh:
+    """The (sub)mesh the model's parameters are laid out on for this stage."""
+    if sharding.stage < 2:
+        return mesh[REPLICATE]
+    return mesh if sharding.hybrid else mesh[SHARD]
+
+
+def mixed_precision_policy(sharding: ShardingConfig) -> MixedPrecisionPolicy:
+    def dtype(name: str | None) -> torch.dtype | None:
+        return getattr(torch, name) if name else None
+
+    return MixedPrecisionPolicy(param_dtype=dtype(sharding.param_dtype), reduce_dtype=dtype(sharding.reduce_dtype))
+
+
+def apply_sharding(model: nn.Module, sharding: ShardingConfig, mesh: DeviceMesh) -> nn.Module:
+    """Shard ``model`` in place, block by block, then its root; returns the same module object."""
+    dp_mesh = data_parallel_mesh(sharding, mesh)
+    mp_policy = mixed_precision_policy(sharding)
+    blocks = find_blocks(model, sharding.wrap)
+    if sharding.stage < 2:
+        for block in blocks:
+            replicate(block, mesh=dp_mesh, mp_policy=mp_policy)
+        replicate(model, mesh=dp_mesh, mp_policy=mp_policy)
+        return model
+    # Stage 3 frees each block's gathered parameters after its forward and gathers them again in backward;
+    # stage 2 keeps them from forward to backward. The root's parameters (embeddings, head) are needed again
+    # right at the start of backward, so the root never reshards after forward.
+    reshard = sharding.stage == 3
+    for block in blocks:
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp_policy)
+    return model

@@ -1,0 +1,310 @@
+"""``MemTrainStrategy``: the Lightning Trainer's door to the memtrain engine.
+
+Lightning hooks only: the process group and mesh are set up in ``setup_environment``, the model is sharded
+and the optimizers prepared in ``setup`` (a model built in ``__init__`` or in ``configure_model`` both work),
+checkpoints are sharded DCP folders. Everything else is the engine's.
+
+The class is built once per Lightning namespace (``lightning.pytorch`` and ``pytorch_lightning`` have separate
+base classes); ``strategy_class(namespace)`` returns it.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+import shutil
+from collections.abc import Generator, Mapping
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning_utilities.core.rank_zero import rank_zero_info
+from torch import Tensor
+from torch.distributed.checkpoint.state_dict import set_model_state_dict
+from typing_extensions import override
+
+from memtrain.checkpoint.sharded import load_sharded, save_sharded
+from memtrain.checkpoint.state import load_optimizer_state, model_state, optimizer_state, template_optimizer_state
+from memtrain.config import ConfigError, MemTrainConfig
+from memtrain.engine import Engine
+from memtrain.sharding import build_mesh, check_launched_world
+
+
+def _sharding_overrides(zero_stage: int | None, hybrid: bool | None, shard_size: int | None,
+                        wrap: str | list[str] | None) -> dict[str, Any]:
+    given = {"stage": zero_stage, "hybrid": hybrid, "shard_size": shard_size, "wrap": wrap}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def build_config(config: MemTrainConfig | Mapping[str, Any] | None, sharding: dict[str, Any]) -> MemTrainConfig:
+    """Merge a config (object or mapping) with the strategy's keyword shortcuts; validated once, here."""
+    data = config.to_dict() if isinstance(config, MemTrainConfig) else dict(config or {})
+    if sharding:
+        data["sharding"] = {**dict(data.get("sharding") or {}), **sharding}
+    return MemTrainConfig.from_dict(data)
+
+
+@functools.cache
+def strategy_class(namespace: str) -> type:
+    pl_strategies = importlib.import_module(f"{namespace}.strategies")
+    launchers = importlib.import_module(f"{namespace}.strategies.launchers.subprocess_script")
+    core_optimizer = importlib.import_module(f"{namespace}.core.optimizer")
+    trainer_states = importlib.import_module(f"{namespace}.trainer.states")
+    fabric = "lightning.fabric" if namespace.startswith("lightning") else "lightning_fabric"
+    fabric_distributed = importlib.import_module(f"{fabric}.utilities.distributed")
+    fabric_pg = importlib.import_module(f"{fabric}.plugins.collectives.torch_collective")
+    fabric_seed = importlib.import_module(f"{fabric}.utilities.seed")
+    fabric_optimizer = importlib.import_module(f"{fabric}.utilities.optimizer")
+
+    ParallelStrategy = pl_strategies.ParallelStrategy
+    LightningOptimizer = core_optimizer.LightningOptimizer
+    TrainerFn = trainer_states.TrainerFn
+
+    class MemTrainStrategy(ParallelStrategy):
+        """Train a LightningModule with memtrain (ZeRO stages 0-3 or hybrid sharding on FSDP2).
+
+        Args:
+            config: a ``MemTrainConfig`` or its mapping form (``{"sharding": {"stage": 2}}``).
+            zero_stage, hybrid, shard_size, wrap: shortcuts for the ``sharding`` section; they override
+                ``config``.
+            process_group_backend: "nccl" / "gloo"; default by device type.
+            timeout: process group timeout.
+        """
+
+        strategy_name = "memtrain"
+
+        def __init__(
+            self,
+            config: MemTrainConfig | Mapping[str, Any] | None = None,
+            *,
+            zero_stage: int | None = None,
+            hybrid: bool | None = None,
+            shard_size: int | None = None,
+            wrap: str | list[str] | None = None,
+            accelerator: Any = None,
+            parallel_devices: list[torch.device] | None = None,
+            cluster_environment: Any = None,
+            checkpoint_io: Any = None,
+            precision_plugin: Any = None,
+            process_group_backend: str | None = None,
+            timeout: timedelta | None = fabric_pg.default_pg_timeout,
+        ) -> None:
+            super().__init__(
+                accelerator=accelerator,
+                parallel_devices=parallel_devices,
+                cluster_environment=cluster_environment,
+                checkpoint_io=checkpoint_io,
+                precision_plugin=precision_plugin,
+            )
+            self.memtrain_config = build_config(config, _sharding_overrides(zero_stage, hybrid, shard_size, wrap))
+            self._process_group_backend = process_group_backend
+            self._timeout = timeout
+            self._engine: Engine | None = None
+            self.num_nodes = 1
+
+        @property
+        def engine(self) -> Engine:
+            if self._engine is None:
+                raise RuntimeError("the memtrain engine exists once the Trainer has set up the processes")
+            return self._engine
+
+        @property
+        @override
+        def root_device(self) -> torch.device:
+            assert self.parallel_devices is not None
+            return self.parallel_devices[self.local_rank]
+
+        @property
+        def num_processes(self) -> int:
+            return len(self.parallel_devices) if self.parallel_devices is not None else 0
+
+        @property
+        @override
+        def distributed_sampler_kwargs(self) -> dict[str, Any]:
+            # Every rank is a data-parallel rank at every stage: each one reads its own samples.
+            return {"num_replicas": self.num_nodes * self.num_processes, "rank": self.global_rank}
+
+        @property
+        @override
+        def restore_checkpoint_after_setup(self) -> bool:
+            return True  # sharded state loads into the sharded model
+
+        @property
+        @override
+        def lightning_restore_optimizer(self) -> bool:
+            return False  # load_checkpoint restores the optimizers itself
+
+        @override
+        def _configure_launcher(self) -> None:
+            assert self.cluster_environment is not None
+            if not self.cluster_environment.creates_processes_externally:
+                self._launcher = launchers._SubprocessScriptLauncher(
+                    self.cluster_environment, self.num_processes, self.num_nodes
+                )
+
+        @override
+        def setup_environment(self) -> None:
+            # Every check that can fail does so before a process group starts.
+            check_launched_world(self.num_processes, self.num_nodes, os.environ)
+            world_size = self.num_nodes * self.num_processes
+            plan = Engine.plan(self.memtrain_config, world_size, self.num_processes)
+            super().setup_environment()
+            fabric_seed.reset_seed()
+            self.set_world_ranks()
+            if self._process_group_backend is None:
+                self._process_group_backend = fabric_distributed._get_default_process_group_backend_for_device(
+                    self.root_device
+                )
+            fabric_distributed._init_dist_connection(
+                self.cluster_environment, self._process_group_backend, timeout=self._timeout
+            )
+            self._engine = Engine(self.memtrain_config, build_mesh(plan, self.root_device.type))
+
+        @override
+        def setup(self, trainer: Any) -> None:
+            assert self.model is not None and self.accelerator is not None
+            self.accelerator.setup(trainer)
+            self.model = self.precision_plugin.convert_module(self.model)
+            self.model_to_device()
+            self.engine.prepare_model(self.model)
+            self.barrier()
+            if trainer.state.fn == TrainerFn.FITTING:
+                self.setup_optimizers(trainer)
+                self.optimizers = [self.engine.prepare_optimizer(o, self.model) for o in self.optimizers]
+                fabric_optimizer._optimizers_to_device(self.optimizers, self.root_device)
+            self.setup_precision_plugin()
+            stage = self.memtrain_config.sharding
+            rank_zero_info(
+                f"memtrain: ZeRO stage {stage.stage}{' hybrid' if stage.hybrid else ''} on mesh "
+                f"{tuple(self.engine.mesh.shape)} {self.engine.mesh.mesh_dim_names}"
+            )
+
+        @override
+        def setup_optimizers(self, trainer: Any) -> None:
+            self._reset_optimizers_and_schedulers()
+            super().setup_optimizers(trainer)
+
+        @override
+        def model_to_device(self) -> None:
+            assert self.model is not None
+            self.model.to(self.root_device)
+
+        @contextmanager
+        @override
+        def block_backward_sync(self) -> Generator[None, None, None]:
+            """Gradient accumulation: no gradient communication until the last micro-batch."""
+            assert self.model is not None
+            with self.engine.no_gradient_sync(self.model):
+                yield
+
+        @override
+        def barrier(self, name: str | None = None) -> None:
+            if not fabric_distributed._distributed_is_initialized():
+                return
+            if dist.get_backend() == "nccl":
+                dist.barrier(device_ids=[self.root_device.index])
+            else:
+                dist.barrier()
+
+        @override
+        def broadcast(self, obj: Any, src: int = 0) -> Any:
+            if not fabric_distributed._distributed_is_initialized():
+                return obj
+            box = [obj]
+            dist.broadcast_object_list(box, src)
+            return box[0]
+
+        @override
+        def reduce(self, tensor: Tensor | Any, group: Any | None = None, reduce_op: Any = "mean") -> Tensor:
+            if isinstance(tensor, Tensor):
+                return fabric_distributed._sync_ddp_if_available(tensor, group, reduce_op=reduce_op)
+            return tensor
+
+        @override
+        def teardown(self) -> None:
+            assert self.cluster_environment is not None and self.accelerator is not None
+            self.cluster_environment.teardown()
+            self.precision_plugin.teardown()
+            self.accelerator.teardown()
+
+        # -- checkpoints: one sharded folder, see memtrain.checkpoint.sharded ---------------------------------
+        @override
+        def lightning_module_state_dict(self) -> dict[str, Any]:
+            assert self.model is not None
+            return model_state(self.model)
+
+        @override
+        def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+            pass  # load_checkpoint already read the shards into the model
+
+        @override
+        def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+            assert self.model is not None
+            if isinstance(optimizer, LightningOptimizer):
+                optimizer = optimizer._optimizer
+            return optimizer_state(self.model, optimizer)
+
+        @override
+        def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+            pass  # load_checkpoint already read the shards into the optimizers
+
+        @override
+        def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+            if storage_options is not None:
+                raise TypeError(
+                    "MemTrainStrategy.save_checkpoint(..., storage_options=...) is not supported: checkpoints are "
+                    "sharded torch.distributed.checkpoint folders written by every rank"
+                )
+            path = Path(self.broadcast(str(filepath)))
+            if self.is_global_zero and path.is_file():
+                path.unlink()  # a plain file of the same name from another strategy
+            tensors = {"model": checkpoint.pop("state_dict")}
+            for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+                tensors[f"optimizer_{i}"] = state
+            checkpoint["world_size"] = self.world_size
+            checkpoint["memtrain_config"] = self.memtrain_config.to_dict()
+            save_sharded(path, tensors, meta=checkpoint)
+
+        @override
+        def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+            assert self.model is not None
+            path = Path(self.broadcast(str(checkpoint_path)))
+            if path.is_file():
+                raise ValueError(
+                    f"{path} is a single-file checkpoint; MemTrainStrategy resumes from its own sharded checkpoint "
+                    "folders. To start from plain weights, load them into the model before calling fit()."
+                )
+            tensors: dict[str, Any] = {"model": model_state(self.model)}
+            optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+            for i, optimizer in enumerate(optimizers):
+                tensors[f"optimizer_{i}"] = template_optimizer_state(self.model, optimizer)
+            meta, _ = load_sharded(path, tensors)
+            set_model_state_dict(self.model, tensors["model"])
+            for i, optimizer in enumerate(optimizers):
+                load_optimizer_state(self.model, optimizer, tensors[f"optimizer_{i}"])
+            if meta.get("world_size", self.world_size) != self.world_size:
+                rank_zero_info(f"memtrain: resharded checkpoint from {meta['world_size']} to {self.world_size} ranks")
+            return meta
+
+        @override
+        def remove_checkpoint(self, filepath: Any) -> None:
+            if self.is_global_zero:
+                path = Path(filepath)
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+
+        @classmethod
+        @override
+        def register_strategies(cls, strategy_registry: Any) -> None:
+            pass  # memtrain.strategies.register_strategies registers the names, with their settings
+
+    MemTrainStrategy.__module__ = __name__
+    return MemTrainStrategy
+
+
+__all__ = ["ConfigError", "build_config", "strategy_class"]

@@ -1,0 +1,6 @@
+"""Per-tier byte accounting of training state, process memory, and GPU readings through NVML."""
+from memtrain.telemetry.accounting import MemoryReport, account_training_state
+from memtrain.telemetry.nvml import gpu_readings
+from memtrain.telemetry.process import peak_memory_bytes
+
+__all__ = ["MemoryReport", "account_training_state", "gpu_readings", "peak_memory_bytes"]

@@ -1,0 +1,74 @@
+"""How many bytes of parameters, gradients and optimizer state this rank holds, and on which tier.
+
+Counts what the rank owns: the local shard of a DTensor, each tensor once even when several names view
+it (ZeRO-1's shard parameters view the model's parameters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.distributed.tensor import DTensor
+
+TIERS = ("gpu", "host_pinned", "host")
+CATEGORIES = ("params", "grads", "optimizer_state")
+
+
+def tier_of(t: torch.Tensor) -> str:
+    if t.device.type == "cpu":
+        return "host_pinned" if t.is_pinned() else "host"
+    return "gpu"
+
+
+@dataclass
+class MemoryReport:
+    """bytes[category][tier] for this rank."""
+
+    bytes: dict[str, dict[str, int]] = field(
+        default_factory=lambda: {c: {t: 0 for t in TIERS} for c in CATEGORIES}
+    )
+
+    def add(self, category: str, t: torch.Tensor) -> None:
+        self.bytes[category][tier_of(t)] += t.numel() * t.element_size()
+
+    def total(self, category: str) -> int:
+        return sum(self.bytes[category].values())
+
+    def as_flat_dict(self) -> dict[str, int]:
+        """``{"params/gpu": n, ..., "params": total, ...}`` for loggers."""
+        flat = {f"{c}/{t}": n for c, tiers in self.bytes.items() for t, n in tiers.items()}
+        flat.update({c: self.total(c) for c in CATEGORIES})
+        return flat
+
+    def summary(self) -> str:
+        return ", ".join(f"{c} {self.total(c) / 2**20:.2f} MiB" for c in CATEGORIES)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t._local_tensor if isinstance(t, DTensor) else t
+
+
+def account_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
+    report = MemoryReport()
+    seen: set[tuple[int, int, torch.device]] = set()
+
+    def add_once(category: str, t: torch.Tensor) -> None:
+        t = _local(t)
+        key = (t.data_ptr(), t.numel(), t.device)
+        if t.numel() == 0 or key in seen:
+            return
+        seen.add(key)
+        report.add(category, t)
+
+    for p in model.parameters():
+        add_once("params", p.data)
+    for p in model.parameters():
+        if p.grad is not None:
+            add_once("grads", p.grad)
+    if optimizer is not None:
+        for state in optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor):
+                    add_once("optimizer_state", value)
+    return report
