@@ -35,7 +35,8 @@ def make_optimizer(model: torch.nn.Module) -> torch.optim.Optimizer:
     return torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, foreach=True)
 
 
-def reference_run(steps: int, batch_size: int, clip: float | None = None, accumulate: int = 1) -> dict[str, Any]:
+def reference_run(steps: int, batch_size: int, clip: float | None = None, accumulate: int = 1,
+                  bf16: bool = False) -> dict[str, Any]:
     """Plain single-process training on the whole global batch."""
     model = tiny_gpt()
     opt = make_optimizer(model)
@@ -45,7 +46,8 @@ def reference_run(steps: int, batch_size: int, clip: float | None = None, accumu
         total = 0.0
         for micro in range(accumulate):
             xs, ys = rank_slice(x, micro, accumulate), rank_slice(y, micro, accumulate)
-            loss = model.loss(xs, ys) / accumulate
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = model.loss(xs, ys) / accumulate
             loss.backward()
             total += loss.item()
         if clip is not None:

@@ -22,8 +22,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from lightning_utilities.core.rank_zero import rank_zero_info
+from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
 from torch.distributed.checkpoint.state_dict import set_model_state_dict
+from torch.distributed.fsdp import register_fsdp_forward_method
 from typing_extensions import override
 
 from memtrain.checkpoint.sharded import load_sharded, save_sharded
@@ -58,6 +60,7 @@ def strategy_class(namespace: str) -> type:
     fabric_pg = importlib.import_module(f"{fabric}.plugins.collectives.torch_collective")
     fabric_seed = importlib.import_module(f"{fabric}.utilities.seed")
     fabric_optimizer = importlib.import_module(f"{fabric}.utilities.optimizer")
+    rank_zero_only = importlib.import_module(f"{namespace}.utilities.rank_zero").rank_zero_only
 
     ParallelStrategy = pl_strategies.ParallelStrategy
     LightningOptimizer = core_optimizer.LightningOptimizer
@@ -122,6 +125,11 @@ def strategy_class(namespace: str) -> type:
             return len(self.parallel_devices) if self.parallel_devices is not None else 0
 
         @property
+        def is_distributed(self) -> bool:
+            # Lightning injects a DistributedSampler only for strategies that say so.
+            return True
+
+        @property
         @override
         def distributed_sampler_kwargs(self) -> dict[str, Any]:
             # Every rank is a data-parallel rank at every stage: each one reads its own samples.
@@ -153,7 +161,7 @@ def strategy_class(namespace: str) -> type:
             plan = Engine.plan(self.memtrain_config, world_size, self.num_processes)
             super().setup_environment()
             fabric_seed.reset_seed()
-            self.set_world_ranks()
+            self._set_world_ranks()
             if self._process_group_backend is None:
                 self._process_group_backend = fabric_distributed._get_default_process_group_backend_for_device(
                     self.root_device
@@ -163,6 +171,12 @@ def strategy_class(namespace: str) -> type:
             )
             self._engine = Engine(self.memtrain_config, build_mesh(plan, self.root_device.type))
 
+        def _set_world_ranks(self) -> None:
+            if self.cluster_environment is not None:
+                self.cluster_environment.set_global_rank(self.node_rank * self.num_processes + self.local_rank)
+                self.cluster_environment.set_world_size(self.num_nodes * self.num_processes)
+            rank_zero_only.rank = utils_rank_zero_only.rank = self.global_rank
+
         @override
         def setup(self, trainer: Any) -> None:
             assert self.model is not None and self.accelerator is not None
@@ -170,6 +184,9 @@ def strategy_class(namespace: str) -> type:
             self.model = self.precision_plugin.convert_module(self.model)
             self.model_to_device()
             self.engine.prepare_model(self.model)
+            # Lightning calls the *_step methods, not forward: the root's gather / reshard hooks must run there.
+            for method in ("training_step", "validation_step", "test_step", "predict_step"):
+                register_fsdp_forward_method(self.model, method)
             self.barrier()
             if trainer.state.fn == TrainerFn.FITTING:
                 self.setup_optimizers(trainer)

@@ -1,0 +1,1 @@
+"""Entry points: ``memtrain-train`` (Hydra + Lightning) and ``memtrain-consolidate``."""
