@@ -13,6 +13,7 @@ from memtrain.models import GPT, GPTConfig
 # blow its round-off noise up to lr-sized steps that differ between any two reduction orders.
 TINY = GPTConfig(vocab_size=64, seq_len=16, n_layer=2, n_head=2, n_embd=32, bias=False)
 LR = 1e-2
+BATCH_SIZE = 8
 
 
 def tiny_gpt(seed: int = 0, cfg: GPTConfig = TINY) -> GPT:
@@ -77,3 +78,37 @@ def assert_close_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
     assert got.keys() == want.keys(), (sorted(got), sorted(want))
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def engine_train(rank: int, world: int, sharding: dict[str, Any], steps: range, batch_size: int, *,
+                 clip: float | None = None, accumulate: int = 1, local_world: int | None = None,
+                 load_from: str | None = None, save_to: str | None = None) -> dict[str, Any]:
+    """The straight training loop on memtrain's engine: rank ``rank`` takes its slice of each global batch."""
+    from memtrain import Engine, MemTrainConfig
+
+    engine = Engine.create(MemTrainConfig.from_dict({"sharding": sharding}), world, local_world or world, "cpu")
+    model = engine.prepare_model(tiny_gpt())
+    opt = engine.prepare_optimizer(make_optimizer(model), model)
+    if load_from is not None:
+        engine.load_checkpoint(load_from, model, opt)
+    losses = []
+    for step in steps:
+        x, y = global_batch(step, batch_size)
+        x, y = rank_slice(x, rank, world), rank_slice(y, rank, world)
+        total = 0.0
+        for micro in range(accumulate):
+            xs, ys = rank_slice(x, micro, accumulate), rank_slice(y, micro, accumulate)
+            sync = micro == accumulate - 1
+            with (torch.enable_grad() if sync else engine.no_gradient_sync(model)):
+                loss = model.loss(xs, ys) / accumulate
+                loss.backward()
+            total += loss.item()
+        if clip is not None:
+            engine.clip_grad_norm_(model, clip)
+        opt.step()
+        report = engine.memory(model, opt)  # after the step: gradients and optimizer state both exist
+        opt.zero_grad()
+        losses.append(mean_across_ranks(total))
+    if save_to is not None:
+        engine.save_checkpoint(save_to, model, opt, meta={"step": steps.stop})
+    return {"losses": losses, "params": full_params(model), "memory": report.bytes}
