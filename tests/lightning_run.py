@@ -46,7 +46,7 @@ def launched_env(rank: int, world: int) -> dict[str, str]:
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
 
 
-def fit(rank: int, world: int, *, strategy: dict[str, Any], steps: int, global_batch_size: int,
+def fit(rank: int, world: int, *, strategy: dict[str, Any], steps: int, global_batch_size: int, epochs: int = -1,
         accumulate: int = 1, trainer: dict[str, Any] | None = None, build_in_configure_model: bool = False,
         data_steps: int | None = None, ckpt_path: str | None = None, callbacks: list[Any] | None = None,
         module: TinyModule | None = None) -> dict[str, Any]:
@@ -57,7 +57,7 @@ def fit(rank: int, world: int, *, strategy: dict[str, Any], steps: int, global_b
     sampler = DistributedSampler(data, num_replicas=world, rank=rank, shuffle=False)
     loader = DataLoader(data, batch_size=global_batch_size // (world * accumulate), sampler=sampler)
     t = L.Trainer(
-        accelerator="cpu", devices=world, strategy=MemTrainStrategy(**strategy), max_steps=steps,
+        accelerator="cpu", devices=world, strategy=MemTrainStrategy(**strategy), max_steps=steps, max_epochs=epochs,
         accumulate_grad_batches=accumulate, logger=False, enable_checkpointing=bool(callbacks),
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False,
         callbacks=callbacks, **(trainer or {}),

@@ -25,3 +25,71 @@ def test_stage_matches_reference_through_trainer(stage: int) -> None:
 
 def _fit(rank: int, world: int, kw: dict) -> dict:
     return fit(rank, world, **kw)
+
+
+def test_hybrid_with_accumulation_and_clipping_on_four_ranks() -> None:
+    want = reference_run(STEPS, BATCH, clip=0.5, accumulate=2)
+    kw = dict(strategy={"zero_stage": 3, "hybrid": True, "shard_size": 2}, steps=STEPS, global_batch_size=BATCH,
+              accumulate=2, trainer={"gradient_clip_val": 0.5, "gradient_clip_algorithm": "norm"})
+    for got in run_distributed(_fit, 4, kw):
+        torch.testing.assert_close(got["losses"], want["losses"], rtol=1e-5, atol=0)
+        assert_close_params(got["params"], want["params"])
+
+
+def test_bf16_mixed_matches_an_autocast_reference() -> None:
+    want = reference_run(STEPS, BATCH, bf16=True)
+    kw = dict(strategy={"zero_stage": 2}, steps=STEPS, global_batch_size=BATCH, trainer={"precision": "bf16-mixed"})
+    for got in run_distributed(_fit, 2, kw):
+        # bf16 matmuls on half-size batches round differently from the reference's: compare loosely.
+        torch.testing.assert_close(got["losses"], want["losses"], rtol=2e-2, atol=0)
+        assert_close_params(got["params"], want["params"], rtol=0, atol=2e-2)
+
+
+def _interrupted_and_straight(rank: int, world: int, ckpt_dir: str) -> dict:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    # Epoch-end checkpoints: Lightning replays a plain DataLoader from the epoch start when resuming mid-epoch.
+    common = dict(strategy={"zero_stage": 3}, global_batch_size=BATCH, data_steps=STEPS, steps=-1)
+    straight = fit(rank, world, epochs=2, **common)
+    first = fit(rank, world, epochs=1, callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True)], **common)
+    resumed = fit(rank, world, epochs=2, ckpt_path=str(Path(ckpt_dir) / "last.ckpt"), **common)
+    return {"straight": straight, "first": first, "resumed": resumed}
+
+
+def test_model_checkpoint_and_fit_ckpt_path_resume_bitwise(tmp_path: Path) -> None:
+    for got in run_distributed(_interrupted_and_straight, 2, str(tmp_path / "ckpts")):
+        assert got["resumed"]["global_step"] == 2 * STEPS
+        assert got["first"]["losses"] + got["resumed"]["losses"] == got["straight"]["losses"]
+        for name, value in got["straight"]["params"].items():
+            assert torch.equal(got["resumed"]["params"][name], value), name
+    assert (tmp_path / "ckpts" / "last.ckpt" / ".metadata").is_file()
+
+
+@pytest.mark.parametrize(
+    "name, stage, hybrid",
+    [("memtrain", 3, False), ("memtrain_zero1", 1, False), ("memtrain_zero2", 2, False),
+     ("memtrain_zero3", 3, False), ("memtrain_hybrid", 3, True)],
+)
+@pytest.mark.parametrize("namespace", ["lightning.pytorch", "pytorch_lightning"])
+def test_registered_names(namespace: str, name: str, stage: int, hybrid: bool) -> None:
+    import importlib
+
+    import memtrain  # noqa: F401  (registers the names)
+    from memtrain.strategies.strategy import strategy_class
+
+    pl = importlib.import_module(namespace)
+    trainer = pl.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False)
+    assert isinstance(trainer.strategy, strategy_class(namespace))
+    assert trainer.strategy.memtrain_config.sharding.stage == stage
+    assert trainer.strategy.memtrain_config.sharding.hybrid is hybrid
+
+
+def test_strategy_keywords_are_validated_before_training() -> None:
+    from memtrain import ConfigError
+    from memtrain.strategies import MemTrainStrategy
+
+    with pytest.raises(ConfigError, match="sharding.stage=5"):
+        MemTrainStrategy(zero_stage=5)
+    strategy = MemTrainStrategy({"sharding": {"stage": 1}}, wrap=["Block"])
+    assert strategy.memtrain_config.sharding.stage == 1
+    assert strategy.memtrain_config.sharding.wrap == ("Block",)
