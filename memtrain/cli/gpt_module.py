@@ -32,6 +32,7 @@ class GPTModule(L.LightningModule):
         self.save_hyperparameters()
         self.model_config = GPTConfig(**(model or {}))
         self.model: GPT | None = None if build_in_configure_model else GPT(self.model_config)
+        self.loss_history: list[float] = []  # this rank's training loss per batch
 
     def configure_model(self) -> None:
         if self.model is None:  # built here, under the strategy's init context, when asked to
@@ -41,6 +42,7 @@ class GPTModule(L.LightningModule):
         x, y = batch
         loss = self.model.loss(x, y)
         self.log("train_loss", loss, prog_bar=True, sync_dist=False)
+        self.loss_history.append(loss.item())
         return loss
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -48,20 +48,25 @@ def telemetry_callback_class(namespace: str) -> type:
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
             self._tokens += _batch_tokens(batch) * trainer.world_size
-            if trainer.global_step % self.every_n_steps != 0:
+            last = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+            if trainer.global_step % self.every_n_steps != 0 and not last:
                 return
+            # Measured at a batch end, where this step's gradients and optimizer state both exist.
             figures = self.measure(trainer, pl_module)
             pl_module.log_dict({f"memtrain/{k}": float(v) for k, v in figures.items()}, rank_zero_only=True)
 
         def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-            self.measure(trainer, pl_module)
+            self.summary["tokens_per_s"] = self._tokens_per_s()
+
+        def _tokens_per_s(self) -> float:
+            elapsed = time.perf_counter() - (self._start or time.perf_counter())
+            return self._tokens / elapsed if elapsed > 0 else 0.0
 
         def measure(self, trainer: Any, pl_module: Any) -> dict[str, float]:
             optimizer = trainer.optimizers[0] if trainer.optimizers else None
             report = account_training_state(pl_module, optimizer)
             figures: dict[str, float] = {f"{k}_bytes": v for k, v in report.as_flat_dict().items()}
-            elapsed = time.perf_counter() - (self._start or time.perf_counter())
-            figures["tokens_per_s"] = self._tokens / elapsed if elapsed > 0 else 0.0
+            figures["tokens_per_s"] = self._tokens_per_s()
             device = trainer.strategy.root_device
             figures["peak_memory_bytes"] = peak_memory_bytes(device)
             if device.type == "cuda":

@@ -288,10 +288,10 @@ def _run_memtrain_engine(args: argparse.Namespace, rank: int, world: int, name: 
     for i, (x, y) in enumerate(build_loader(args, rank, world)):
         if i == args.warmup:
             probe.start()
+        optimizer.zero_grad(set_to_none=True)  # before backward, as Lightning does: grads exist when accounted
         loss = model.loss(x, y)
         loss.backward()
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         probe.losses.append(loss.item())
         if i == args.warmup + args.steps - 1:
             probe.stop()
@@ -590,7 +590,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="ranks (processes) per contender")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
-    p.add_argument("--batch", type=int, default=8, help="sequences per rank per step")
+    p.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
