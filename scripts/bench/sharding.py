@@ -304,7 +304,9 @@ def deepspeed_config(args: argparse.Namespace) -> dict[str, Any]:
     return {
         "train_micro_batch_size_per_gpu": args.batch,
         "gradient_accumulation_steps": 1,
-        "zero_optimization": {"stage": 3},  # DeepSpeed's defaults for everything else
+        "zero_optimization": {"stage": 3},  # DeepSpeed's defaults for everything else in this section
+        # DeepSpeed >= 0.18 clips at 1.0 unless told otherwise; the other contenders do not clip.
+        "gradient_clipping": 0.0,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
