@@ -4,9 +4,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import subprocess
+import sys
+
+import pytest
 import torch
 
-from memtrain.checkpoint import consolidate
 from memtrain.models import GPT
 from tests.distributed import run_distributed
 from tests.parity import TINY, BATCH_SIZE as BATCH, assert_close_params, engine_train, reference_run
@@ -34,9 +37,15 @@ def _resume_on_two(rank: int, world: int, ckpt: str, stage: int) -> dict[str, An
     return engine_train(rank, world, {"stage": stage}, range(2, 4), BATCH, load_from=ckpt)
 
 
-def test_reshard_four_ranks_to_two_and_to_another_stage(tmp_path: Path) -> None:
-    ckpt = str(tmp_path / "ckpt")
-    run_distributed(_save_on_four, 4, ckpt)
+@pytest.fixture(scope="module")
+def saved_on_four(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+    """A checkpoint of 2 steps at ZeRO-3 on 4 ranks, and the full parameters it holds."""
+    ckpt = tmp_path_factory.mktemp("four") / "ckpt"
+    return ckpt, run_distributed(_save_on_four, 4, str(ckpt))[0]["params"]
+
+
+def test_reshard_four_ranks_to_two_and_to_another_stage(saved_on_four: tuple[Path, dict]) -> None:
+    ckpt = str(saved_on_four[0])
     want = reference_run(4, BATCH)
     for stage in (3, 1):  # same stage on fewer ranks; and ZeRO-1's differently laid out optimizer state
         for got in run_distributed(_resume_on_two, 2, ckpt, stage):
@@ -44,11 +53,10 @@ def test_reshard_four_ranks_to_two_and_to_another_stage(tmp_path: Path) -> None:
             assert_close_params(got["params"], want["params"])
 
 
-def test_consolidated_file_loads_into_a_plain_model(tmp_path: Path) -> None:
-    ckpt = tmp_path / "ckpt"
-    trained = run_distributed(_save_on_four, 4, str(ckpt))[0]["params"]
+def test_consolidated_file_loads_into_a_plain_model(saved_on_four: tuple[Path, dict], tmp_path: Path) -> None:
+    ckpt, trained = saved_on_four
     out = tmp_path / "model.pt"
-    consolidate(ckpt, out)
+    subprocess.run([sys.executable, "-m", "memtrain.cli.consolidate", str(ckpt), str(out)], check=True)
     model = GPT(TINY)
     model.load_state_dict(torch.load(out, weights_only=True), strict=True)
     for name, p in model.named_parameters():

@@ -7,8 +7,10 @@ byte corpus and per-rank batch, all with the same optimizer (torch AdamW, foreac
     memtrain-zero{0,1,2,3}  Lightning Trainer + MemTrainStrategy(zero_stage=s), launched externally
     lightning-fsdp2         Lightning Trainer + ModelParallelStrategy, fully_shard by hand in configure_model
                             (each block, then the GPT root) -- the anchor for the memtrain ratios
-    deepspeed-zero3         deepspeed.initialize(ZeRO stage 3) in a plain loop (CPU accelerator, gloo);
-                            reported as skipped when deepspeed cannot be imported
+    deepspeed-zero3         deepspeed.initialize(ZeRO stage 3) in a plain loop (CPU accelerator, gloo, no gradient
+                            clipping like the others); optional (``pip install --no-build-isolation deepspeed``):
+                            reported as skipped when it cannot be imported. Its first run JIT-builds a small CPU
+                            comm op (about a minute, cached in ~/.cache/torch_extensions; not timed).
     memtrain-engine-zero3   (opt-in) memtrain's Engine at stage 3 in a plain loop: like for like with DeepSpeed's loop
 
 Only the steps after ``--warmup`` are timed: barrier, clock, ``--steps`` optimizer steps, barrier, clock.
@@ -27,6 +29,7 @@ Memory is per rank, the maximum over ranks is reported (CPU resident memory, sin
 
     python scripts/bench/sharding.py --nproc 2 --steps 30 --warmup 5 --out bench_results/sharding.json
 
+On a shared machine, ``--repeats R`` runs all contenders R times round-robin and reports the median tokens/s.
 A contender that crashes or hangs is reported as failed (with its error) and the others still run. Each rank's
 stdout/stderr go to ``<out without .json>_logs/<contender>.rank<r>.log``.
 """
@@ -305,7 +308,7 @@ def deepspeed_config(args: argparse.Namespace) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": args.batch,
         "gradient_accumulation_steps": 1,
         "zero_optimization": {"stage": 3},  # DeepSpeed's defaults for everything else in this section
-        # DeepSpeed >= 0.18 clips at 1.0 unless told otherwise; the other contenders do not clip.
+        # DeepSpeed (0.19.8 here) clips at norm 1.0 unless told otherwise; the other contenders do not clip.
         "gradient_clipping": 0.0,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 10**9,

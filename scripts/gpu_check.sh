@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The GPU check: CUDA-marked tests and a short GPU benchmark, one prepared script, under 8 minutes on one GPU.
+#   bash scripts/gpu_check.sh            (on a machine with torch+CUDA and Lightning; hydra/omegaconf are
+#                                         installed from wheels in ./wheels when present, else from PyPI)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+echo "== gpu_check $(date -u +%FT%TZ) on $(hostname)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
+
+# Dependencies the GPU machine lacks (no internet there: carry wheels in ./wheels).
+if [ -d wheels ]; then pip install -q --no-index --find-links wheels hydra-core omegaconf nvidia-ml-py pytest pytest-timeout || true; fi
+pip install -q --no-deps -e . || true
+
+status=0
+echo "== CUDA tests"
+timeout 240 python -m pytest -q -m cuda tests/test_cuda.py || status=1
+echo "== sharding benchmark on one GPU"
+timeout 200 python scripts/bench/sharding.py --device cuda --nproc 1 --steps 20 --warmup 5 \
+    --out "${OUT:-bench_results}/sharding_gpu.json" || status=1
+echo "== gpu_check done, status $status"
+exit $status

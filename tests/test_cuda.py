@@ -1,0 +1,68 @@
+"""CUDA paths (NCCL, GPU tier accounting, NVML, the Trainer on a GPU). Run by scripts/gpu_check.sh."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.distributed import run_distributed
+from tests.parity import BATCH_SIZE, assert_close_params, full_params, global_batch, make_optimizer, tiny_gpt
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _reference_on_gpu(steps: int) -> dict[str, torch.Tensor]:
+    model = tiny_gpt().cuda()
+    opt = make_optimizer(model)
+    for step in range(steps):
+        x, y = (t.cuda() for t in global_batch(step, BATCH_SIZE))
+        model.loss(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {k: v.detach().cpu() for k, v in model.named_parameters()}
+
+
+def _engine_on_gpu(rank: int, world: int, stage: int, steps: int) -> dict:
+    import torch.distributed as dist
+
+    from memtrain import Engine, MemTrainConfig
+    from memtrain.telemetry import gpu_readings
+
+    dist.destroy_process_group()  # the helper's gloo group; this test wants NCCL
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29631", rank=rank, world_size=world)
+    torch.cuda.set_device(rank)
+    engine = Engine.create(MemTrainConfig.from_dict({"sharding": {"stage": stage}}), world, world, "cuda")
+    model = engine.prepare_model(tiny_gpt().cuda())
+    opt = engine.prepare_optimizer(make_optimizer(model), model)
+    for step in range(steps):
+        x, y = (t.cuda() for t in global_batch(step, BATCH_SIZE))
+        model.loss(x, y).backward()
+        opt.step()
+        report = engine.memory(model, opt)
+        opt.zero_grad()
+    return {"params": {k: v.cpu() for k, v in full_params(model).items()}, "memory": report.bytes,
+            "nvml": gpu_readings(rank)}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_engine_on_one_gpu_matches_plain_gpu_run(stage: int) -> None:
+    want = _reference_on_gpu(3)
+    got = run_distributed(_engine_on_gpu, 1, stage, 3)[0]
+    assert_close_params(got["params"], want)
+    assert got["memory"]["params"]["gpu"] > 0 and got["memory"]["optimizer_state"]["gpu"] > 0
+    assert got["memory"]["params"]["host"] == 0
+    assert got["nvml"] is not None and got["nvml"]["gpu_memory_used"] > 0
+
+
+def test_trainer_on_gpu_with_bf16() -> None:
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader
+
+    import memtrain  # noqa: F401  (registers "memtrain")
+    from tests.lightning_run import TinyModule, step_dataset
+
+    module = TinyModule()
+    trainer = L.Trainer(accelerator="gpu", devices=1, strategy="memtrain", precision="bf16-mixed", max_steps=3,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, DataLoader(step_dataset(3, BATCH_SIZE), batch_size=BATCH_SIZE))
+    assert trainer.global_step == 3
+    assert all(torch.isfinite(torch.tensor(module.losses)))
