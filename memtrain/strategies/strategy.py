@@ -182,8 +182,10 @@ def strategy_class(namespace: str) -> type:
             assert self.model is not None and self.accelerator is not None
             self.accelerator.setup(trainer)
             self.model = self.precision_plugin.convert_module(self.model)
-            self.model_to_device()
+            # Shard first: FSDP2 moves each rank's shards to the device, so a model larger than one device can
+            # be built on the host. Then move whatever sharding does not manage (buffers of unwrapped modules).
             self.engine.prepare_model(self.model)
+            self.model_to_device()
             # Lightning calls the *_step methods, not forward: the root's gather / reshard hooks must run there.
             for method in ("training_step", "validation_step", "test_step", "predict_step"):
                 register_fsdp_forward_method(self.model, method)
