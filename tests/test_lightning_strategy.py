@@ -93,3 +93,20 @@ def test_strategy_keywords_are_validated_before_training() -> None:
     strategy = MemTrainStrategy({"sharding": {"stage": 1}}, wrap=["Block"])
     assert strategy.memtrain_config.sharding.stage == 1
     assert strategy.memtrain_config.sharding.wrap == ("Block",)
+
+
+def test_devices_that_disagree_with_torchrun_fail_before_any_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lightning.pytorch as L
+    import torch.distributed as dist
+
+    from memtrain import ConfigError
+    from memtrain.strategies import MemTrainStrategy
+    from tests.lightning_run import TinyModule
+
+    for key, value in {"TORCHELASTIC_RUN_ID": "job", "WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4", "RANK": "0",
+                       "LOCAL_RANK": "0", "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29777"}.items():
+        monkeypatch.setenv(key, value)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=MemTrainStrategy(), max_steps=1, logger=False)
+    with pytest.raises(ConfigError, match="devices=2 but torchrun started 4 processes per node"):
+        trainer.fit(TinyModule(), [])
+    assert not dist.is_initialized()
