@@ -17,7 +17,8 @@ status=0
 echo "== CUDA tests"
 timeout 240 python -m pytest -q -m cuda tests/test_cuda.py || status=1
 echo "== sharding benchmark on one GPU"
-timeout 200 python scripts/bench/sharding.py --device cuda --nproc 1 --steps 20 --warmup 5 \
+timeout 240 python scripts/bench/sharding.py --device cuda --nproc 1 --steps 20 --warmup 5 \
+    --contenders memtrain-zero0,memtrain-zero3,lightning-fsdp2 \
     --out "${OUT:-bench_results}/sharding_gpu.json" || status=1
 echo "== gpu_check done, status $status"
 exit $status

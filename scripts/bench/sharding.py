@@ -2,21 +2,25 @@
 
 One run, one contender after another, each in its own fresh set of N gloo processes on CPU (spawned here, one
 torch thread each, process group from a file:// store in a temp folder), all on the same reference GPT, seed,
-byte corpus and per-rank batch, all with the same optimizer (torch AdamW, foreach):
+byte corpus and per-rank batch, all with the same optimizer (torch AdamW, foreach). With ``--device cuda`` the
+ranks are nccl processes instead, rank r on cuda:r (at most ``torch.cuda.device_count()`` ranks), with the
+model, data and optimizer state on that GPU:
 
     memtrain-zero{0,1,2,3}  Lightning Trainer + MemTrainStrategy(zero_stage=s), launched externally
     lightning-fsdp2         Lightning Trainer + ModelParallelStrategy, fully_shard by hand in configure_model
                             (each block, then the GPT root) -- the anchor for the memtrain ratios
-    deepspeed-zero3         deepspeed.initialize(ZeRO stage 3) in a plain loop (CPU accelerator, gloo, no gradient
-                            clipping like the others); optional (``pip install --no-build-isolation deepspeed``):
-                            reported as skipped when it cannot be imported. Its first run JIT-builds a small CPU
-                            comm op (about a minute, cached in ~/.cache/torch_extensions; not timed).
+    deepspeed-zero3         deepspeed.initialize(ZeRO stage 3) in a plain loop (CPU accelerator and gloo, or CUDA
+                            and nccl with --device cuda; no gradient clipping like the others); optional
+                            (``pip install --no-build-isolation deepspeed``): reported as skipped when it cannot be
+                            imported. On CPU its first run JIT-builds a small CPU comm op (about a minute, cached in
+                            ~/.cache/torch_extensions; not timed).
     memtrain-engine-zero3   (opt-in) memtrain's Engine at stage 3 in a plain loop: like for like with DeepSpeed's loop
 
-Only the steps after ``--warmup`` are timed: barrier, clock, ``--steps`` optimizer steps, barrier, clock.
+Only the steps after ``--warmup`` are timed: barrier, clock, ``--steps`` optimizer steps, barrier, clock (on CUDA
+with ``torch.cuda.synchronize()`` before each barrier and each clock reading).
 tokens/s = tokens of all ranks in the timed steps / the slowest rank's wall seconds.
 
-Memory is per rank, the maximum over ranks is reported (CPU resident memory, since there is no GPU here):
+Memory is per rank, the maximum over ranks is reported (CPU resident memory with the default ``--device cpu``):
     peak_train_delta  peak RSS during the timed steps (the kernel's RSS high-water mark, reset through
                       /proc/self/clear_refs when the timed steps start, read through memtrain's
                       ``peak_memory_bytes``) minus the RSS right before the model was built (after imports and the
@@ -26,8 +30,13 @@ Memory is per rank, the maximum over ranks is reported (CPU resident memory, sin
     accounted         bytes of params / grads / optimizer state (and DeepSpeed's fp32 master partitions) this
                       rank holds after the last step: ``memtrain.telemetry.account_training_state`` for the
                       FSDP2-based contenders, the ZeRO-3 optimizer's partitions for DeepSpeed.
+With ``--device cuda`` the same fields hold CUDA caching-allocator bytes instead of RSS: the baseline is
+``torch.cuda.memory_allocated()`` before the model is built, the setup peak ``torch.cuda.max_memory_allocated()``
+at the first timed step, where ``torch.cuda.reset_peak_memory_stats()`` is called, and the train peak
+``torch.cuda.max_memory_allocated()`` after the last timed step (peak allocated bytes during the timed steps).
 
     python scripts/bench/sharding.py --nproc 2 --steps 30 --warmup 5 --out bench_results/sharding.json
+    python scripts/bench/sharding.py --device cuda --nproc 1 --steps 20 --warmup 5 --out bench_results/sharding_gpu.json
 
 On a shared machine, ``--repeats R`` runs all contenders R times round-robin and reports the median tokens/s.
 A contender that crashes or hangs is reported as failed (with its error) and the others still run. Each rank's
@@ -44,6 +53,7 @@ import os
 import platform
 import queue as queue_mod
 import re
+import resource
 import socket
 import statistics
 import sys
@@ -69,6 +79,7 @@ DEFAULT_CONTENDERS = (*MEMTRAIN_STAGES, "lightning-fsdp2", "deepspeed-zero3")
 ALL_CONTENDERS = (*DEFAULT_CONTENDERS, "memtrain-engine-zero3")
 ANCHOR = "lightning-fsdp2"
 MIB = 2**20
+MEM_LABEL = {"cpu": "dRSS", "cuda": "dAlloc"}  # what the memory columns measure: resident set, CUDA allocated bytes
 
 
 class Skipped(Exception):
@@ -104,37 +115,72 @@ def _reset_rss_high_water_mark() -> bool:
         return False
 
 
-class Probe:
-    """Clocks the timed steps and reads this rank's memory; created right before the model is built."""
+def _involuntary_switches() -> int:
+    """Times this process was descheduled against its will: a sign that something else wanted the cores."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
 
-    def __init__(self, warmup: int, steps: int) -> None:
+
+def rank_device(args: argparse.Namespace, rank: int) -> torch.device:
+    """Where this rank's model, data and optimizer state live: the CPU, or cuda:rank."""
+    return torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
+
+
+class Probe:
+    """Clocks the timed steps and reads this rank's memory; created right before the model is built.
+
+    On CPU the memory figures are RSS; on CUDA they are the caching allocator's allocated bytes on this rank's GPU
+    (baseline: allocated now; peaks: ``max_memory_allocated``, reset at the first timed step).
+    """
+
+    def __init__(self, warmup: int, steps: int, device: torch.device | None = None) -> None:
         from memtrain.telemetry import peak_memory_bytes
 
-        self._peak = lambda: peak_memory_bytes(torch.device("cpu"))
+        self.device = device if device is not None else torch.device("cpu")
+        self.cuda = self.device.type == "cuda"
+        self._peak = lambda: peak_memory_bytes(self.device)  # ru_maxrss on CPU, max_memory_allocated on CUDA
         self.warmup, self.steps = warmup, steps
-        self.baseline_rss = _current_rss_bytes()
+        self.baseline_rss = int(torch.cuda.memory_allocated(self.device)) if self.cuda else _current_rss_bytes()
         self.losses: list[float] = []
         self.t0 = self.t1 = None
         self.setup_peak = self.train_peak = None
         self.hwm_reset = False
         self.accounted: dict[str, int] = {}
+        self.train_peak_reserved: int | None = None
+
+    def _barrier(self) -> None:
+        if self.cuda:
+            # Wait for this rank's queued GPU work, then for the other ranks, then for the barrier's own kernel.
+            torch.cuda.synchronize(self.device)
+            dist.barrier(device_ids=[self.device.index])
+            torch.cuda.synchronize(self.device)
+        else:
+            dist.barrier()
 
     def start(self) -> None:
-        dist.barrier()
+        self._barrier()
         self.setup_peak = self._peak()
-        self.hwm_reset = _reset_rss_high_water_mark()
-        self.t0 = time.perf_counter()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.hwm_reset = True
+        else:
+            self.hwm_reset = _reset_rss_high_water_mark()
+        self.t0, self.c0, self.ivcsw0 = time.perf_counter(), time.process_time(), _involuntary_switches()
 
     def stop(self) -> None:
-        dist.barrier()
-        self.t1 = time.perf_counter()
+        self._barrier()
+        self.t1, self.c1, self.ivcsw1 = time.perf_counter(), time.process_time(), _involuntary_switches()
         self.train_peak = self._peak()
+        if self.cuda:
+            self.train_peak_reserved = int(torch.cuda.max_memory_reserved(self.device))
 
     def result(self) -> dict[str, Any]:
         if self.t0 is None or self.t1 is None:
             raise RuntimeError(f"the timed window never closed ({len(self.losses)} steps ran)")
+        extra = {"train_peak_reserved": self.train_peak_reserved} if self.cuda else {}
         return {
             "wall_s": self.t1 - self.t0,
+            "cpu_s": self.c1 - self.c0,
+            "involuntary_switches": self.ivcsw1 - self.ivcsw0,
             "baseline_rss": self.baseline_rss,
             "setup_peak": self.setup_peak,
             "train_peak": self.train_peak,
@@ -142,6 +188,7 @@ class Probe:
             "accounted": self.accounted,
             "losses": self.losses,
             "torch_threads": torch.get_num_threads(),
+            **extra,
         }
 
 
@@ -258,7 +305,7 @@ def _run_lightning(args: argparse.Namespace, rank: int, world: int, name: str) -
     for logger_name in ("lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(logger_name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", module="lightning")
-    probe = Probe(args.warmup, args.steps)
+    probe = Probe(args.warmup, args.steps, rank_device(args, rank))
     BenchModule, FSDP2Module, Clock = _lightning_classes(args, probe)
     if name == "lightning-fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -272,9 +319,9 @@ def _run_lightning(args: argparse.Namespace, rank: int, world: int, name: str) -
         strategy = MemTrainStrategy(zero_stage=int(name[-1]))
     loader = build_loader(args, rank, world)
     trainer = L.Trainer(
-        accelerator="cpu", devices=world, num_nodes=1, strategy=strategy, max_steps=args.warmup + args.steps,
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[Clock()],
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=world, num_nodes=1, strategy=strategy,
+        max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False, callbacks=[Clock()],
     )
     trainer.fit(module, loader)
     return probe.result()
@@ -284,13 +331,16 @@ def _run_memtrain_engine(args: argparse.Namespace, rank: int, world: int, name: 
     from memtrain.config import MemTrainConfig
     from memtrain.engine import Engine
 
-    probe = Probe(args.warmup, args.steps)
-    engine = Engine.create(MemTrainConfig.from_dict({"sharding": {"stage": int(name[-1])}}), world, world, "cpu")
-    model = engine.prepare_model(build_model(args))
+    device = rank_device(args, rank)
+    probe = Probe(args.warmup, args.steps, device)
+    engine = Engine.create(MemTrainConfig.from_dict({"sharding": {"stage": int(name[-1])}}), world, world,
+                           device.type)
+    model = engine.prepare_model(build_model(args).to(device))  # a no-op on CPU
     optimizer = engine.prepare_optimizer(build_optimizer(model.parameters(), args), model)
     for i, (x, y) in enumerate(build_loader(args, rank, world)):
         if i == args.warmup:
             probe.start()
+        x, y = x.to(device), y.to(device)  # no-ops on CPU
         optimizer.zero_grad(set_to_none=True)  # before backward, as Lightning does: grads exist when accounted
         loss = model.loss(x, y)
         loss.backward()
@@ -317,7 +367,8 @@ def deepspeed_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_deepspeed(args: argparse.Namespace, rank: int, world: int, name: str) -> dict[str, Any]:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    device = rank_device(args, rank)
+    os.environ.setdefault("DS_ACCELERATOR", device.type)  # "cpu" or "cuda"
     try:
         import deepspeed
     except Exception as e:  # ImportError, or an accelerator probe that fails at import
@@ -334,14 +385,15 @@ def _run_deepspeed(args: argparse.Namespace, rank: int, world: int, name: str) -
         def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return self.gpt.loss(x, y)
 
-    deepspeed.init_distributed(dist_backend="gloo")  # wraps the process group that already exists
-    probe = Probe(args.warmup, args.steps)
-    model = WithLoss(build_model(args))
+    deepspeed.init_distributed(dist_backend=backend(args))  # wraps the process group that already exists
+    probe = Probe(args.warmup, args.steps, device)
+    model = WithLoss(build_model(args)).to(device)  # a no-op on CPU
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=build_optimizer(model.parameters(), args),
                                            config=deepspeed_config(args))
     for i, (x, y) in enumerate(build_loader(args, rank, world)):
         if i == args.warmup:
             probe.start()
+        x, y = x.to(device), y.to(device)  # no-ops on CPU
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
@@ -351,6 +403,10 @@ def _run_deepspeed(args: argparse.Namespace, rank: int, world: int, name: str) -
             probe.accounted = _account_deepspeed(engine)
             break
     return probe.result()
+
+
+def backend(args: argparse.Namespace) -> str:
+    return "nccl" if args.device == "cuda" else "gloo"
 
 
 def run_contender(args: argparse.Namespace, rank: int, world: int, name: str) -> dict[str, Any]:
@@ -376,7 +432,9 @@ def _worker(rank: int, world: int, name: str, args: argparse.Namespace, init_fil
     torch.set_num_threads(1)
     torch.set_num_interop_threads(1)
     try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+        if args.device == "cuda":
+            torch.cuda.set_device(rank)  # before the process group: nccl binds each rank to the current device
+        dist.init_process_group(backend(args), init_method=f"file://{init_file}", rank=rank, world_size=world)
         out = run_contender(args, rank, world, name)
         results.put((rank, "ok", out))
     except Skipped as e:
@@ -464,10 +522,16 @@ def aggregate(args: argparse.Namespace, ranks: list[dict[str, Any]]) -> dict[str
         "wall_s": wall,
         "tokens_per_s": tokens / wall,
         "s_per_step": wall / args.steps,
+        # Load-robust secondary figures: CPU seconds of the busiest rank (compute plus the CPU side of
+        # communication, without time spent waiting or descheduled), and how often the ranks were descheduled.
+        "cpu_s_per_step": max(r["cpu_s"] for r in ranks) / args.steps,
+        "involuntary_switches": sum(r["involuntary_switches"] for r in ranks),
         "peak_train_delta_bytes": max(r["train_peak"] - r["baseline_rss"] for r in ranks),
         "peak_train_rss_bytes": max(r["train_peak"] for r in ranks),
         "peak_setup_delta_bytes": max(r["setup_peak"] - r["baseline_rss"] for r in ranks),
         "baseline_rss_bytes": max(r["baseline_rss"] for r in ranks),
+        **({"peak_train_reserved_bytes": max(r["train_peak_reserved"] for r in ranks)}
+           if all(r.get("train_peak_reserved") is not None for r in ranks) else {}),
         "hwm_reset": all(r["hwm_reset"] for r in ranks),
         "accounted_bytes_per_rank_max": {c: max(r["accounted"].get(c, 0) for r in ranks) for c in categories},
         "torch_threads": sorted({r["torch_threads"] for r in ranks}),
@@ -488,9 +552,13 @@ def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
     entry["tokens_per_s"] = statistics.median(r["tokens_per_s"] for r in runs)
     entry["s_per_step"] = statistics.median(r["s_per_step"] for r in runs)
     entry["wall_s"] = statistics.median(r["wall_s"] for r in runs)
-    for key in ("peak_train_delta_bytes", "peak_train_rss_bytes", "peak_setup_delta_bytes"):
-        entry[key] = max(r[key] for r in runs)
-    entry["rounds"] = [{k: r[k] for k in ("tokens_per_s", "wall_s", "peak_train_delta_bytes", "elapsed_s",
+    entry["cpu_s_per_step"] = statistics.median(r["cpu_s_per_step"] for r in runs)
+    for key in ("peak_train_delta_bytes", "peak_train_rss_bytes", "peak_setup_delta_bytes",
+                "peak_train_reserved_bytes"):
+        if all(key in r for r in runs):  # peak_train_reserved_bytes: --device cuda only
+            entry[key] = max(r[key] for r in runs)
+    entry["rounds"] = [{k: r[k] for k in ("tokens_per_s", "wall_s", "cpu_s_per_step", "involuntary_switches",
+                                          "peak_train_delta_bytes", "elapsed_s",
                                           "loadavg_before", "loadavg_after", "logs")} for r in runs]
     return entry
 
@@ -507,6 +575,7 @@ def ratios(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if e is not None and anchor is not None:
             out[f"{name} / {ANCHOR}"] = {
                 "tokens_per_s": e["tokens_per_s"] / anchor["tokens_per_s"],
+                "cpu_s_per_step": e["cpu_s_per_step"] / anchor["cpu_s_per_step"],
                 "peak_train_delta": e["peak_train_delta_bytes"] / anchor["peak_train_delta_bytes"],
             }
     ds = ok("deepspeed-zero3")
@@ -515,12 +584,33 @@ def ratios(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         if e is not None and ds is not None:
             out[f"{name} / deepspeed-zero3"] = {
                 "tokens_per_s": e["tokens_per_s"] / ds["tokens_per_s"],
+                "cpu_s_per_step": e["cpu_s_per_step"] / ds["cpu_s_per_step"],
                 "peak_train_delta": e["peak_train_delta_bytes"] / ds["peak_train_delta_bytes"],
             }
     return out
 
 
-def machine_info() -> dict[str, Any]:
+def gpu_info(args: argparse.Namespace) -> dict[str, Any]:
+    """The GPUs the ranks used (cuda:0 .. cuda:nproc-1); empty on CPU. Called after the runs (it starts CUDA here)."""
+    if args.device != "cuda":
+        return {}
+    try:
+        props = [torch.cuda.get_device_properties(i) for i in range(args.nproc)]
+        nccl = torch.cuda.nccl.version() if dist.is_nccl_available() else None
+        return {
+            "gpu_name": torch.cuda.get_device_name(0),
+            "gpu_names": [torch.cuda.get_device_name(i) for i in range(args.nproc)],
+            "gpu_memory_total_bytes": [int(p.total_memory) for p in props],
+            "gpu_capability": [f"{p.major}.{p.minor}" for p in props],
+            "gpu_count": torch.cuda.device_count(),
+            "cuda": torch.version.cuda,
+            "nccl": ".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl,
+        }
+    except Exception as e:  # metadata only: never lose the results over it
+        return {"gpu_name": None, "gpu_info_error": f"{type(e).__name__}: {e}"}
+
+
+def machine_info(args: argparse.Namespace) -> dict[str, Any]:
     def version(pkg: str) -> str | None:
         try:
             return importlib.metadata.version(pkg)
@@ -540,6 +630,8 @@ def machine_info() -> dict[str, Any]:
         mem_total = None
     return {
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device,
+        **gpu_info(args),
         "cpu_count": os.cpu_count(),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "cpu_model": cpu_model,
@@ -564,8 +656,11 @@ def _git_commit() -> str | None:
         return None
 
 
-def print_table(entries: dict[str, dict[str, Any]], rat: dict[str, Any]) -> None:
-    head = (f"{'contender':<22} {'status':<8} {'tokens/s':>9} {'s/step':>7} {'peak dRSS':>10} {'setup dRSS':>10} "
+def print_table(entries: dict[str, dict[str, Any]], rat: dict[str, Any], device: str = "cpu") -> None:
+    mem = MEM_LABEL[device]
+    w = max(10, len("setup " + mem))  # 10 on CPU
+    head = (f"{'contender':<22} {'status':<8} {'tokens/s':>9} {'s/step':>7} {'cpu s':>6} {'peak ' + mem:>{w}} "
+            f"{'setup ' + mem:>{w}} "
             f"{'params':>7} {'grads':>7} {'optim':>7} {'master':>7} {'loss last':>9}")
     print(head)
     print("-" * len(head))
@@ -579,20 +674,27 @@ def print_table(entries: dict[str, dict[str, Any]], rat: dict[str, Any]) -> None
         def mib(key: str) -> str:
             return f"{acc[key] / MIB:7.2f}" if key in acc else f"{'-':>7}"
 
-        print(f"{name:<22} {'ok':<8} {e['tokens_per_s']:9.0f} {e['s_per_step']:7.3f} "
-              f"{e['peak_train_delta_bytes'] / MIB:10.1f} {e['peak_setup_delta_bytes'] / MIB:10.1f} "
+        print(f"{name:<22} {'ok':<8} {e['tokens_per_s']:9.0f} {e['s_per_step']:7.3f} {e['cpu_s_per_step']:6.3f} "
+              f"{e['peak_train_delta_bytes'] / MIB:{w}.1f} {e['peak_setup_delta_bytes'] / MIB:{w}.1f} "
               f"{mib('params')} {mib('grads')} {mib('optimizer_state')} {mib('master_params')} {e['loss_last']:9.4f}")
-    print("(memory in MiB per rank, max over ranks; peak dRSS = peak RSS during the timed steps minus RSS before "
-          "the model was built; params/grads/optim/master = accounted bytes held by one rank)")
+    peak = ("peak dRSS = peak RSS during the timed steps minus RSS before the model was built" if device == "cpu" else
+            "peak dAlloc = peak CUDA allocated bytes during the timed steps minus those allocated before the model "
+            "was built")
+    print("(s/step: wall seconds per step; cpu s: CPU seconds per step of the busiest rank; memory in MiB per rank, "
+          f"max over ranks; {peak}; "
+          "params/grads/optim/master = accounted bytes held by one rank)")
     if rat:
         print()
         for key, r in rat.items():
-            print(f"{key:<45} tokens/s x{r['tokens_per_s']:.3f}   peak dRSS x{r['peak_train_delta']:.3f}")
+            print(f"{key:<45} tokens/s x{r['tokens_per_s']:.3f}   cpu s/step x{r['cpu_s_per_step']:.3f}   "
+                  f"peak {mem} x{r['peak_train_delta']:.3f}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--nproc", type=int, default=2, help="ranks (processes) per contender")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cpu: gloo ranks, one torch thread each; cuda: nccl ranks, rank r on cuda:r")
+    p.add_argument("--nproc", type=int, default=2, help="ranks (processes) per contender (on cuda: at most the GPUs)")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps before the timed ones")
     p.add_argument("--batch", type=int, default=4, help="sequences per rank per step")
@@ -615,11 +717,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = [c for c in args.contenders if c not in ALL_CONTENDERS]
     if unknown:
         p.error(f"unknown contender(s) {unknown}; known: {list(ALL_CONTENDERS)}")
+    if args.n_embd % args.n_head:
+        p.error(f"--n-embd {args.n_embd} must be divisible by --n-head {args.n_head}")
     if not 1 <= args.vocab <= 256:
         p.error("--vocab must be in 1..256 (the corpus is bytes)")
     if args.steps < 1 or args.warmup < 0 or args.nproc < 1 or args.repeats < 1:
         p.error("--steps >= 1, --warmup >= 0, --nproc >= 1, --repeats >= 1")
+    if args.device == "cuda":
+        # No CUDA context is made in this parent here; the ranks are spawned and each sets up its own GPU.
+        n_gpu = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n_gpu == 0:
+            p.error(f"--device cuda: no CUDA GPU is visible (torch {torch.__version__}, built with CUDA "
+                    f"{torch.version.cuda}; CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+        if args.nproc > n_gpu:
+            p.error(f"--device cuda --nproc {args.nproc}: only {n_gpu} CUDA GPU(s) visible; each rank needs its own "
+                    f"GPU (rank r uses cuda:r), so use --nproc {n_gpu} or fewer")
     return args
+
+
+ACCOUNTED_METHOD = (
+    "accounted_bytes_per_rank_max: bytes of params / grads / optimizer state held by a rank after the last step "
+    "(memtrain.telemetry.account_training_state; for DeepSpeed ZeRO-3 its parameter partitions, fp32 master "
+    "partitions, gradient partition buffer and inner optimizer state)."
+)
+
+
+def memory_method(device: str) -> str:
+    if device == "cuda":
+        return (
+            "CUDA caching-allocator memory per rank (each rank on its own GPU, cuda:rank), max over ranks; the "
+            "*_rss_* keys hold these allocator bytes, not host RSS. peak_train_delta_bytes: peak allocated bytes "
+            "during the timed steps (torch.cuda.reset_peak_memory_stats() at the first timed step, "
+            "torch.cuda.max_memory_allocated() after the last timed step; peak_train_rss_bytes) minus "
+            "torch.cuda.memory_allocated() right before the model was built (after imports and process-group "
+            "init; baseline_rss_bytes). peak_setup_delta_bytes: torch.cuda.max_memory_allocated() from process "
+            "start to the first timed step (read before the reset) minus that baseline. "
+            "peak_train_reserved_bytes: torch.cuda.max_memory_reserved() after the last timed step (allocator "
+            "reserve incl. cache, also reset at the first timed step). Excludes the CUDA context and NCCL buffers, "
+            "which the caching allocator does not see. " + ACCOUNTED_METHOD
+        )
+    return (
+        "CPU resident memory per rank, max over ranks. peak_train_delta_bytes: peak RSS during the timed steps "
+        "(kernel RSS high-water mark reset via /proc/self/clear_refs at the first timed step, read with "
+        "memtrain.telemetry.peak_memory_bytes = ru_maxrss) minus the RSS right before the model was built "
+        "(after imports and process-group init). peak_setup_delta_bytes: the high-water mark from process "
+        "start to the first timed step minus that baseline. " + ACCOUNTED_METHOD
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -633,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"$ {command}")
     print(f"GPT n_layer={args.n_layer} n_embd={args.n_embd} n_head={args.n_head} seq_len={args.seq_len} "
           f"vocab={args.vocab}; {args.nproc} ranks x {args.batch} sequences; {args.warmup} warmup + {args.steps} "
-          f"timed steps; logs in {log_dir}")
+          f"timed steps; device {args.device} ({backend(args)}); logs in {log_dir}")
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in args.contenders}
     for round_ in range(args.repeats):
         for name in args.contenders:
@@ -644,7 +787,8 @@ def main(argv: list[str] | None = None) -> int:
             e = launch(args, name, log_dir, round_)
             runs[name].append(e)
             if e["status"] == "ok":
-                print(f"{tag} {e['tokens_per_s']:.0f} tokens/s, peak dRSS {e['peak_train_delta_bytes'] / MIB:.1f} MiB "
+                print(f"{tag} {e['tokens_per_s']:.0f} tokens/s, peak {MEM_LABEL[args.device]} "
+                      f"{e['peak_train_delta_bytes'] / MIB:.1f} MiB "
                       f"({e['elapsed_s']} s, load {e['loadavg_before'][0]:.2f})", flush=True)
             else:
                 lines = e["error"].strip().splitlines()
@@ -652,29 +796,26 @@ def main(argv: list[str] | None = None) -> int:
     entries = {name: combine(r) for name, r in runs.items()}
     rat = ratios(entries)
     print()
-    print_table(entries, rat)
-    n_params = sum(p.numel() for p in build_model(args).parameters())
+    print_table(entries, rat, args.device)
+    try:
+        n_params: int | str = sum(p.numel() for p in build_model(args).parameters())
+    except Exception as e:  # the contenders already reported the same error
+        n_params = f"{type(e).__name__}: {e}"
     report = {
         "benchmark": "sharding",
         "command": command,
-        "machine": machine_info(),
+        "machine": machine_info(args),
         "settings": {**{k: v for k, v in vars(args).items() if k != "contenders"}, "contenders": args.contenders,
                      "model_params": n_params, "optimizer": "torch.optim.AdamW(betas=(0.9, 0.95), weight_decay=0.1, "
-                     "foreach=True)", "dtype": "float32", "backend": "gloo", "torch_threads_per_rank": 1,
+                     "foreach=True)", "dtype": "float32", "backend": backend(args), "torch_threads_per_rank": 1,
                      "deepspeed_config": deepspeed_config(args)},
-        "memory_method": (
-            "CPU resident memory per rank, max over ranks. peak_train_delta_bytes: peak RSS during the timed steps "
-            "(kernel RSS high-water mark reset via /proc/self/clear_refs at the first timed step, read with "
-            "memtrain.telemetry.peak_memory_bytes = ru_maxrss) minus the RSS right before the model was built "
-            "(after imports and process-group init). peak_setup_delta_bytes: the high-water mark from process "
-            "start to the first timed step minus that baseline. accounted_bytes_per_rank_max: bytes of params / "
-            "grads / optimizer state held by a rank after the last step (memtrain.telemetry.account_training_state;"
-            " for DeepSpeed ZeRO-3 its parameter partitions, fp32 master partitions, gradient partition buffer and "
-            "inner optimizer state)."
-        ),
+        "memory_method": memory_method(args.device),
         "throughput_method": "tokens of all ranks in the timed steps / wall seconds of the slowest rank, timed "
                              "between barriers after the warmup steps; with --repeats, the median over rounds "
-                             "(contenders run round-robin, each round in fresh processes)",
+                             "(contenders run round-robin, each round in fresh processes). cpu_s_per_step: CPU "
+                             "seconds (time.process_time) of the busiest rank per timed step, a secondary figure that "
+                             "background load disturbs less; involuntary_switches: how often ranks were descheduled "
+                             "in the timed steps (high = the machine was shared)",
         "results": entries,
         "ratios": rat,
     }
