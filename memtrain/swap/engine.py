@@ -1,0 +1,74 @@
+"""``SwapEngine``: write host tensors to files and read them back, asynchronously.
+
+Requests are split into ``block_size`` blocks with up to ``queue_depth`` in flight (io_uring where the kernel
+allows it, else a thread pool with pread/pwrite). Tensors whose address, size and file offset are 4096-aligned
+go through O_DIRECT (no page cache: the host budget stays honest); others, and filesystems that refuse
+O_DIRECT such as tmpfs, use buffered I/O. Each handle holds its tensor until waited for, so a buffer is never
+freed or reused while the kernel still reads or writes it.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from memtrain import _C
+from memtrain.swap.buffers import ALIGN
+
+
+@dataclass
+class SwapHandle:
+    engine: "SwapEngine"
+    handle: int
+    tensor: torch.Tensor = field(repr=False)  # kept alive until the I/O is done
+    _waited: bool = False
+
+    def wait(self) -> torch.Tensor:
+        """Block until the transfer is complete; raises RuntimeError naming the file if it failed."""
+        if not self._waited:
+            self._waited = True
+            self.engine._io.wait(self.handle)
+        return self.tensor
+
+    def done(self) -> bool:
+        return self._waited or self.engine._io.done(self.handle)
+
+
+class SwapEngine:
+    def __init__(self, queue_depth: int = 8, block_size: int = 2**20, threads: int = 4,
+                 backend: str = "auto") -> None:
+        self._io = _C.IOEngine(queue_depth, block_size, threads, backend)
+
+    @property
+    def backend(self) -> str:
+        return self._io.backend
+
+    @staticmethod
+    def _bytes(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type != "cpu":
+            raise ValueError(f"the swap engine moves host tensors; got one on {tensor.device}")
+        if not tensor.is_contiguous():
+            raise ValueError("the swap engine needs a contiguous tensor")
+        return tensor.view(-1).view(torch.uint8) if tensor.numel() else tensor.view(torch.uint8).reshape(0)
+
+    def _submit(self, tensor: torch.Tensor, path: str | os.PathLike, offset: int, write: bool) -> SwapHandle:
+        data = self._bytes(tensor)
+        nbytes = data.numel()
+        ptr = data.data_ptr()
+        direct = ptr % ALIGN == 0 and nbytes % ALIGN == 0 and offset % ALIGN == 0
+        handle = self._io.submit(os.fspath(path), ptr, nbytes, offset, write, direct)
+        return SwapHandle(self, handle, tensor)
+
+    def write(self, tensor: torch.Tensor, path: str | os.PathLike, offset: int = 0) -> SwapHandle:
+        """Start writing ``tensor``'s bytes to ``path`` at ``offset`` (the file is created if needed)."""
+        return self._submit(tensor, path, offset, write=True)
+
+    def read(self, tensor: torch.Tensor, path: str | os.PathLike, offset: int = 0) -> SwapHandle:
+        """Start reading ``tensor.nbytes`` bytes of ``path`` at ``offset`` into ``tensor``."""
+        return self._submit(tensor, path, offset, write=False)
+
+    def stats(self) -> dict[str, Any]:
+        """Bytes, request counts, summed request seconds, the most blocks in flight, O_DIRECT requests."""
+        return {"backend": self.backend, **self._io.stats()}

@@ -1,0 +1,101 @@
+"""The swap engine (memtrain._C): bytes written come back bitwise, through io_uring and the thread pool,
+with and without O_DIRECT; failures name the file; host buffers are aligned, reused and within budget."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from memtrain import _C
+from memtrain.swap import HostBufferPool, SwapEngine, aligned_empty
+
+BACKENDS = ["threads"] + (["io_uring"] if _C.io_uring_compiled() else [])
+
+
+def _engine(backend: str, **kw) -> SwapEngine:
+    try:
+        return SwapEngine(backend=backend, **kw)
+    except RuntimeError as err:  # a kernel or sandbox that forbids io_uring
+        pytest.skip(str(err))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("nbytes", [0, 1, 4096, 3 * 2**20 + 17, 8 * 2**20])
+def test_roundtrip_is_bitwise(backend: str, nbytes: int, tmp_path: Path) -> None:
+    engine = _engine(backend, block_size=2**20, queue_depth=4)
+    for source in (aligned_empty(nbytes), torch.empty(nbytes, dtype=torch.uint8)):  # O_DIRECT-able, and maybe not
+        source.random_(0, 256)
+        engine.write(source, tmp_path / "swap").wait()
+        back = aligned_empty(nbytes)
+        engine.read(back, tmp_path / "swap").wait()
+        assert torch.equal(back, source)
+    assert engine.stats()["bytes_written"] == 2 * nbytes
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_many_requests_in_flight_at_offsets(backend: str, tmp_path: Path) -> None:
+    engine = _engine(backend, block_size=2**16, queue_depth=16)
+    tensors = [torch.randn(2**14 + i * 1000) for i in range(24)]  # fp32, assorted sizes
+    slot = 2**18  # each tensor at its own aligned offset of one shared file
+    pending = [engine.write(t, tmp_path / "shared", offset=i * slot) for i, t in enumerate(tensors)]
+    for h in pending:
+        h.wait()
+    backs = [torch.empty_like(t) for t in tensors]
+    pending = [engine.read(b, tmp_path / "shared", offset=i * slot) for i, b in enumerate(backs)]
+    for h, t in zip(pending, tensors):
+        assert torch.equal(h.wait(), t)
+    assert engine.stats()["max_blocks_in_flight"] > 1
+
+
+def test_tmpfs_without_o_direct_falls_back_to_buffered_io() -> None:
+    if not Path("/dev/shm").is_dir():
+        pytest.skip("no /dev/shm")
+    engine = SwapEngine()
+    path = Path("/dev/shm") / f"memtrain-test-{os.getpid()}"
+    try:
+        data = aligned_empty(2**20).random_(0, 256)
+        engine.write(data, path).wait()
+        assert torch.equal(engine.read(aligned_empty(2**20), path).wait(), data)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_errors_name_the_file(backend: str, tmp_path: Path) -> None:
+    engine = _engine(backend)
+    short = tmp_path / "short"
+    engine.write(torch.zeros(100), short).wait()
+    with pytest.raises(RuntimeError, match=f"read of {short} failed .*unexpected end of file"):
+        engine.read(torch.zeros(10_000), short).wait()
+    with pytest.raises(RuntimeError, match=f"cannot open {tmp_path / 'missing'} for reading"):
+        engine.read(torch.zeros(10), tmp_path / "missing")
+    with pytest.raises(RuntimeError, match="cannot open .*no_such_dir/f for writing"):
+        engine.write(torch.zeros(10), tmp_path / "no_such_dir" / "f")
+
+
+def test_engine_rejects_bad_settings_and_tensors() -> None:
+    with pytest.raises(ValueError, match="block_size must be a positive multiple of 4096"):
+        SwapEngine(block_size=1000)
+    with pytest.raises(ValueError, match="backend must be"):
+        SwapEngine(backend="aio")
+    with pytest.raises(ValueError, match="contiguous"):
+        SwapEngine().write(torch.zeros(4, 4).t(), "/tmp/never-written")
+
+
+def test_buffer_pool_is_aligned_reused_and_bounded() -> None:
+    pool = HostBufferPool(buffer_bytes=10_000, count=2, pin=False)
+    assert pool.buffer_bytes == 12_288 and pool.total_bytes == 2 * 12_288  # whole pages
+    (i, a), (j, b) = pool.acquire(), pool.acquire()
+    assert a.data_ptr() % 4096 == 0 and b.data_ptr() % 4096 == 0 and i != j
+    with pytest.raises(TimeoutError, match="all 2 in use"):
+        pool.acquire(timeout=0.05)
+    pool.release(i)
+    k, c = pool.acquire()
+    assert k == i and c.data_ptr() == a.data_ptr()  # the same memory again, not a new allocation
+    pool.release(k)
+    with pytest.raises(ValueError, match="not in use"):
+        pool.release(k)
+    with pytest.raises(ValueError, match="more than the host budget"):
+        HostBufferPool(buffer_bytes=2**20, count=8, budget_bytes=4 * 2**20)
