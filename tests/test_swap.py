@@ -99,3 +99,36 @@ def test_buffer_pool_is_aligned_reused_and_bounded() -> None:
         pool.release(k)
     with pytest.raises(ValueError, match="more than the host budget"):
         HostBufferPool(buffer_bytes=2**20, count=8, budget_bytes=4 * 2**20)
+
+
+def test_swap_directory_is_per_run_checked_and_removed(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from memtrain import ConfigError
+    from memtrain.swap import SwapDirectory
+
+    with SwapDirectory(tmp_path / "nvme", job="job1", required_bytes=2**20) as swap:
+        assert swap.path.parent == tmp_path / "nvme" and swap.path.is_dir()
+        SwapEngine().write(torch.zeros(1024), swap.file("tile0")).wait()
+    assert not swap.path.exists()  # removed with its files
+
+    # A run killed before it could clean up leaves a folder; the next run of the job removes it.
+    script = ("import os; from memtrain.swap import SwapDirectory; d = SwapDirectory(r'%s', job='job1'); "
+              "print(d.path, flush=True); os._exit(9)") % (tmp_path / "nvme")
+    left = Path(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True).stdout.strip())
+    assert left.is_dir()
+    fresh = SwapDirectory(tmp_path / "nvme", job="job1")
+    assert fresh.removed_stale == [left] and not left.exists()
+    other_job = SwapDirectory(tmp_path / "nvme", job="job2")
+    assert fresh.path.exists()  # another job's start leaves live folders alone
+    fresh.remove()
+    other_job.remove()
+
+    with pytest.raises(ConfigError, match=r"has .* GiB free, but the swap files need .* GiB"):
+        SwapDirectory(tmp_path / "nvme", job="big", required_bytes=2**62)
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a folder"):
+        SwapDirectory(tmp_path / "a_file", job="j")
+    with pytest.raises(ConfigError, match="cannot be created"):
+        SwapDirectory(tmp_path / "a_file" / "below", job="j")

@@ -5,5 +5,6 @@ host buffer pool and the I/O queue, so the host budget stays one number.
 """
 from memtrain.swap.buffers import HostBufferPool, aligned_empty
 from memtrain.swap.engine import SwapEngine, SwapHandle
+from memtrain.swap.files import SwapDirectory
 
-__all__ = ["HostBufferPool", "SwapEngine", "SwapHandle", "aligned_empty"]
+__all__ = ["HostBufferPool", "SwapDirectory", "SwapEngine", "SwapHandle", "aligned_empty"]
