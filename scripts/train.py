@@ -1,8 +1,8 @@
 """The second front door: memtrain's engine in a straight training loop, no Lightning.
 
-    torchrun --nproc_per_node 2 scripts/train.py                       # defaults of configs/train.yaml
-    torchrun --nproc_per_node 2 scripts/train.py sharding.stage=2 trainer.max_steps=50
-    torchrun --nproc_per_node 2 scripts/train.py ckpt_path=outputs/<run>/checkpoints/step-100   # resume
+    torchrun --standalone --nproc_per_node 2 scripts/train.py                  # defaults of configs/train.yaml
+    torchrun --standalone --nproc_per_node 2 scripts/train.py sharding.stage=2 trainer.max_steps=50
+    torchrun --standalone --nproc_per_node 2 scripts/train.py ckpt_path=outputs/<run>/checkpoints/step-100
     python scripts/train.py --plain ...        # the plain single-process reference (no memtrain) for parity
 
 Settings are the Hydra app's (configs/train.yaml), composed from the same overrides.
@@ -83,6 +83,10 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
                         num_workers=0, pin_memory=use_cuda)
 
     ckpt_dir = Path(cfg.callbacks.checkpoint_dir or Path("outputs") / run_id() / "checkpoints")
+    if engine is not None:  # rank 0's choice: without a launcher run id, ranks' timestamps may differ
+        box = [ckpt_dir]
+        dist.broadcast_object_list(box, src=0)
+        ckpt_dir = box[0]
     step = 0
     if cfg.ckpt_path:
         if engine is None:
@@ -92,6 +96,8 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
         if rank_state is not None:  # same world size: continue at the exact sample
             sampler.load_state_dict(rank_state["sampler"])
             torch.set_rng_state(rank_state["rng"])
+            if use_cuda and rank_state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(rank_state["cuda_rng"], device)
 
     max_steps, accumulate = cfg.trainer.max_steps, cfg.trainer.accumulate_grad_batches
     clip, every = cfg.trainer.gradient_clip_val, cfg.callbacks.checkpoint_every_n_train_steps
@@ -128,7 +134,8 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 atomic_torch_save(model.state_dict(), ckpt_dir / f"step-{step}.pt")
                 continue
-            rank_state = {"sampler": sampler.state_dict(), "rng": torch.get_rng_state()}
+            rank_state = {"sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
+                          "cuda_rng": torch.cuda.get_rng_state(device) if use_cuda else None}
             engine.save_checkpoint(ckpt_dir / f"step-{step}", model, optimizer,
                                    meta={"step": step, "world_size": world, "config": config.to_dict()},
                                    rank_state=rank_state)

@@ -34,3 +34,19 @@ def test_hybrid_on_four_ranks_with_clipping_and_accumulation() -> None:
     for got in results:
         torch.testing.assert_close(got["losses"], want["losses"], rtol=1e-5, atol=0)
         assert_close_params(got["params"], want["params"])
+
+
+def _differently_seeded_replicas(rank: int, world: int) -> dict[str, Any]:
+    from memtrain import Engine, MemTrainConfig
+    from tests.parity import full_params, tiny_gpt
+
+    engine = Engine.create(MemTrainConfig.from_dict({"sharding": {"stage": 0}}), world, world, "cpu")
+    return full_params(engine.prepare_model(tiny_gpt(seed=rank)))  # each rank initialised differently
+
+
+def test_replicated_stages_start_from_the_first_ranks_weights() -> None:
+    from tests.parity import full_params, tiny_gpt
+
+    want = full_params(tiny_gpt(seed=0))
+    for got in run_distributed(_differently_seeded_replicas, 2):
+        assert_close_params(got, want, rtol=0, atol=0)

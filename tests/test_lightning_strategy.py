@@ -110,3 +110,14 @@ def test_devices_that_disagree_with_torchrun_fail_before_any_process_group(monke
     with pytest.raises(ConfigError, match="devices=2 but torchrun started 4 processes per node"):
         trainer.fit(TinyModule(), [])
     assert not dist.is_initialized()
+
+
+def test_fp16_loss_scaling_is_refused_with_a_fix() -> None:
+    from types import SimpleNamespace
+
+    from memtrain import ConfigError
+    from memtrain.strategies.strategy import check_precision
+
+    check_precision(SimpleNamespace(precision="bf16-mixed"))  # no scaler: fine
+    with pytest.raises(ConfigError, match="Use precision='bf16-mixed'"):
+        check_precision(SimpleNamespace(precision="16-mixed", scaler=object()))

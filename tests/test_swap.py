@@ -49,6 +49,13 @@ def test_many_requests_in_flight_at_offsets(backend: str, tmp_path: Path) -> Non
     assert engine.stats()["max_blocks_in_flight"] > 1
 
 
+def test_dropping_an_unwaited_handle_finishes_the_transfer(tmp_path: Path) -> None:
+    engine = SwapEngine()
+    data = torch.randn(2**20)
+    engine.write(data.clone(), tmp_path / "dropped")  # handle and its tensor dropped at once
+    assert torch.equal(engine.read(torch.empty_like(data), tmp_path / "dropped").wait(), data)
+
+
 def test_tmpfs_without_o_direct_falls_back_to_buffered_io() -> None:
     if not Path("/dev/shm").is_dir():
         pytest.skip("no /dev/shm")
@@ -67,8 +74,14 @@ def test_errors_name_the_file(backend: str, tmp_path: Path) -> None:
     engine = _engine(backend)
     short = tmp_path / "short"
     engine.write(torch.zeros(100), short).wait()
-    with pytest.raises(RuntimeError, match=f"read of {short} failed .*unexpected end of file"):
-        engine.read(torch.zeros(10_000), short).wait()
+    handle = engine.read(torch.zeros(10_000), short)
+    for _ in range(2):  # a failed transfer stays failed: no second wait hands back the unfilled tensor
+        with pytest.raises(RuntimeError, match=f"read of {short} failed .*unexpected end of file"):
+            handle.wait()
+    direct = aligned_empty(3 * 4096)
+    engine.write(aligned_empty(4096), short).wait()  # one page on disk, three pages asked for through O_DIRECT
+    with pytest.raises(RuntimeError, match="unexpected end of file"):
+        engine.read(direct, short).wait()
     with pytest.raises(RuntimeError, match=f"cannot open {tmp_path / 'missing'} for reading"):
         engine.read(torch.zeros(10), tmp_path / "missing")
     with pytest.raises(RuntimeError, match="cannot open .*no_such_dir/f for writing"):

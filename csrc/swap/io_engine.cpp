@@ -10,6 +10,7 @@
 #include <cstring>
 #include <sstream>
 #include <stdexcept>
+#include <unordered_set>
 
 #ifdef MEMTRAIN_HAVE_URING
 #include <liburing.h>
@@ -19,6 +20,7 @@ namespace memtrain {
 
 namespace {
 constexpr int64_t kAlign = 4096;
+constexpr int64_t kMaxBlock = int64_t(1) << 30;  // one io_uring read/write moves at most UINT_MAX bytes
 
 std::string describe(const Request& r, int err, int64_t at) {
   std::ostringstream s;
@@ -40,8 +42,8 @@ bool io_uring_compiled() {
 IOEngine::IOEngine(int queue_depth, int64_t block_size, int threads, const std::string& backend)
     : queue_depth_(queue_depth), block_size_(block_size) {
   if (queue_depth < 1) throw std::invalid_argument("queue_depth must be >= 1");
-  if (block_size < kAlign || block_size % kAlign != 0)
-    throw std::invalid_argument("block_size must be a positive multiple of 4096 bytes");
+  if (block_size < kAlign || block_size % kAlign != 0 || block_size > kMaxBlock)
+    throw std::invalid_argument("block_size must be a positive multiple of 4096 bytes, at most 1 GiB");
   if (threads < 1) throw std::invalid_argument("threads must be >= 1");
   if (backend != "auto" && backend != "io_uring" && backend != "threads")
     throw std::invalid_argument("backend must be 'auto', 'io_uring' or 'threads', got '" + backend + "'");
@@ -135,10 +137,12 @@ int64_t IOEngine::submit(const std::string& path, uintptr_t ptr, int64_t nbytes,
 void IOEngine::wait(int64_t handle) {
   std::unique_lock<std::mutex> lk(mu_);
   auto it = requests_.find(handle);
-  if (it == requests_.end()) throw std::invalid_argument("unknown swap handle (already waited for?)");
-  auto r = it->second;
+  if (it == requests_.end() || it->second->waited)
+    throw std::invalid_argument("unknown swap handle (already waited for?)");
+  std::shared_ptr<Request> r = it->second;
+  r->waited = true;
   done_cv_.wait(lk, [&] { return r->done; });
-  requests_.erase(it);
+  requests_.erase(handle);  // by key: submits while we slept may have rehashed the map
   if (r->error != 0) throw std::runtime_error(describe(*r, r->error, r->error_offset));
 }
 
@@ -193,8 +197,10 @@ void IOEngine::run_block_sync(const Block& b) {
       finish_block(b.request, errno, at);
       return;
     }
-    if (n == 0) {  // a read past the end of the file: the swap file is shorter than what was written to it
-      finish_block(b.request, r.write ? EIO : ENODATA, at);
+    if (n == 0 || (r.direct && !r.write && n < left)) {
+      // The file ended before the range did (an O_DIRECT read cannot continue at the unaligned remainder):
+      // the swap file is shorter than what was written to it.
+      finish_block(b.request, r.write ? EIO : ENODATA, at + n);
       return;
     }
     buf += n;
@@ -224,6 +230,26 @@ void IOEngine::uring_worker() {
 #ifdef MEMTRAIN_HAVE_URING
   auto* ring = static_cast<io_uring*>(ring_);
   int64_t in_ring = 0;  // only this thread changes it
+  std::unordered_set<Block*> pending;  // prepared blocks, owned by the ring until their completion arrives
+  auto fail_ring = [&](int err) {
+    // Submitting or waiting failed for a reason other than an interruption (a broken ring): fail every block
+    // it holds so that waiters get an error naming the file instead of hanging.
+    io_uring_cqe* c = nullptr;
+    while (io_uring_peek_cqe(ring, &c) == 0 && c != nullptr) io_uring_cqe_seen(ring, c);
+    for (Block* op : pending) {
+      finish_block(op->request, err, op->offset);
+      delete op;
+    }
+    pending.clear();
+    in_ring = 0;
+  };
+  auto submit_all = [&](size_t at_least) {
+    int rc;
+    do {
+      rc = io_uring_submit(ring);
+    } while (rc == -EINTR || rc == -EAGAIN);
+    if (rc < 0 || (at_least > 0 && rc == 0 && io_uring_sq_ready(ring) > 0)) fail_ring(rc < 0 ? -rc : EIO);
+  };
   auto prepare = [&](Block* op) {
     io_uring_sqe* sqe = io_uring_get_sqe(ring);
     const Request& r = *op->request;
@@ -232,6 +258,7 @@ void IOEngine::uring_worker() {
     else
       io_uring_prep_read(sqe, r.fd, op->buf, static_cast<unsigned>(op->nbytes), static_cast<uint64_t>(op->offset));
     io_uring_sqe_set_data(sqe, op);
+    pending.insert(op);
     in_ring++;
   };
   for (;;) {
@@ -248,16 +275,18 @@ void IOEngine::uring_worker() {
       stats_.max_blocks_in_flight = std::max(stats_.max_blocks_in_flight, in_flight_);
     }
     for (Block* op : batch) prepare(op);
-    if (!batch.empty()) io_uring_submit(ring);
+    if (!batch.empty()) submit_all(batch.size());
     if (in_ring == 0) continue;
     io_uring_cqe* cqe = nullptr;
     int rc = io_uring_wait_cqe(ring, &cqe);
-    if (rc == -EINTR) continue;
+    if (rc == -EINTR || rc == -EAGAIN) continue;
+    if (rc < 0) fail_ring(-rc);  // the ring is unusable: fail what it holds rather than spin or hang
     bool resubmit = false;
     while (rc == 0 && cqe != nullptr) {
       auto* op = static_cast<Block*>(io_uring_cqe_get_data(cqe));
       int res = cqe->res;
       io_uring_cqe_seen(ring, cqe);
+      pending.erase(op);
       in_ring--;
       if (res == -EAGAIN || res == -EINTR) {
         prepare(op);
@@ -267,6 +296,10 @@ void IOEngine::uring_worker() {
         delete op;
       } else if (res == 0 && op->nbytes > 0) {
         finish_block(op->request, op->request->write ? EIO : ENODATA, op->offset);
+        delete op;
+      } else if (res < op->nbytes && op->request->direct && !op->request->write) {
+        // O_DIRECT cannot continue at an unaligned offset: a short direct read means the file ended early.
+        finish_block(op->request, ENODATA, op->offset + res);
         delete op;
       } else if (res < op->nbytes) {  // short transfer: continue where it stopped
         op->buf += res;
@@ -281,7 +314,7 @@ void IOEngine::uring_worker() {
       cqe = nullptr;
       rc = io_uring_peek_cqe(ring, &cqe);
     }
-    if (resubmit) io_uring_submit(ring);
+    if (resubmit) submit_all(1);
   }
 #endif
 }

@@ -30,6 +30,7 @@ struct Request {
   int error = 0;            // errno of the first failed block; guarded by IOEngine::mu_
   int64_t error_offset = -1;
   bool done = false;
+  bool waited = false;  // a second waiter is refused
   std::chrono::steady_clock::time_point start;
 };
 

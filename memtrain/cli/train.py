@@ -2,7 +2,7 @@
 
     memtrain-train                                   # ZeRO-3, every local device (2 CPU processes without GPUs)
     memtrain-train strategy=zero2 model=gpt_small trainer.max_steps=50
-    torchrun --nproc_per_node 2 -m memtrain.cli.train -m launcher=torchrun sharding.stage=2,3
+    torchrun --standalone --nproc_per_node 2 -m memtrain.cli.train -m launcher=torchrun sharding.stage=2,3
 """
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer_kwargs["devices"] not in (1, "1"):
             raise RuntimeError(
                 "Hydra sweeps (-m) must be launched externally: Lightning's own launcher re-runs the command "
-                "line and breaks the sweep. Use `torchrun --nproc_per_node N -m memtrain.cli.train "
+                "line and breaks the sweep. Use `torchrun --standalone --nproc_per_node N -m memtrain.cli.train "
                 "-m launcher=torchrun ...`, or srun / launcher=slurm."
             )
     L.seed_everything(cfg.seed, workers=True)

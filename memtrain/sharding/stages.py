@@ -7,6 +7,7 @@ during backward); stages 2 and 3 use ``fully_shard``. Either way every parameter
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
@@ -31,12 +32,23 @@ def mixed_precision_policy(sharding: ShardingConfig) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=dtype(sharding.param_dtype), reduce_dtype=dtype(sharding.reduce_dtype))
 
 
+@torch.no_grad()
+def broadcast_module_state(model: nn.Module, mesh: DeviceMesh) -> None:
+    """Copy the first rank's parameters and buffers to every rank of ``mesh`` (one collective per tensor)."""
+    group = mesh.get_group()
+    src = dist.get_global_rank(group, 0)
+    for tensor in [*model.parameters(), *model.buffers()]:
+        dist.broadcast(tensor.data, src=src, group=group)
+
+
 def apply_sharding(model: nn.Module, sharding: ShardingConfig, mesh: DeviceMesh) -> nn.Module:
     """Shard ``model`` in place, block by block, then its root; returns the same module object."""
     dp_mesh = data_parallel_mesh(sharding, mesh)
     mp_policy = mixed_precision_policy(sharding)
     blocks = find_blocks(model, sharding.wrap)
     if sharding.stage < 2:
+        # Replicas must start equal, as with DDP: ranks may have built the model from different seeds.
+        broadcast_module_state(model, dp_mesh)
         for block in blocks:
             replicate(block, mesh=dp_mesh, mp_policy=mp_policy)
         replicate(model, mesh=dp_mesh, mp_policy=mp_policy)

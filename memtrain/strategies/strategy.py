@@ -49,6 +49,16 @@ def build_config(config: MemTrainConfig | Mapping[str, Any] | None, sharding: di
     return MemTrainConfig.from_dict(data)
 
 
+def check_precision(precision_plugin: Any) -> None:
+    """Refuse fp16 loss scaling: a GradScaler checks each rank's gradient shard for overflow on its own, so
+    ranks could disagree on skipping a step. (On CPU Lightning already turns 16-mixed into bf16-mixed.)"""
+    if getattr(precision_plugin, "scaler", None) is not None:
+        raise ConfigError(
+            "precision='16-mixed' (loss scaling) is not supported by MemTrainStrategy: the scaler's overflow check "
+            "is per gradient shard, so ranks could disagree on skipping a step. Use precision='bf16-mixed'."
+        )
+
+
 @functools.cache
 def strategy_class(namespace: str) -> type:
     pl_strategies = importlib.import_module(f"{namespace}.strategies")
@@ -60,6 +70,7 @@ def strategy_class(namespace: str) -> type:
     fabric_pg = importlib.import_module(f"{fabric}.plugins.collectives.torch_collective")
     fabric_seed = importlib.import_module(f"{fabric}.utilities.seed")
     fabric_optimizer = importlib.import_module(f"{fabric}.utilities.optimizer")
+    fabric_init = importlib.import_module(f"{fabric}.utilities.init")
     rank_zero_only = importlib.import_module(f"{namespace}.utilities.rank_zero").rank_zero_only
 
     ParallelStrategy = pl_strategies.ParallelStrategy
@@ -156,6 +167,7 @@ def strategy_class(namespace: str) -> type:
         @override
         def setup_environment(self) -> None:
             # Every check that can fail does so before a process group starts.
+            check_precision(self.precision_plugin)
             check_launched_world(self.num_processes, self.num_nodes, os.environ)
             world_size = self.num_nodes * self.num_processes
             plan = Engine.plan(self.memtrain_config, world_size, self.num_processes)
@@ -185,6 +197,8 @@ def strategy_class(namespace: str) -> type:
             # Shard first: FSDP2 moves each rank's shards to the device, so a model larger than one device can
             # be built on the host. Then move whatever sharding does not manage (buffers of unwrapped modules).
             self.engine.prepare_model(self.model)
+            if any(p.is_meta for p in self.model.parameters()):  # built with empty_init: allocate shards only now
+                fabric_init._materialize_distributed_module(self.model, self.root_device)
             self.model_to_device()
             # Lightning calls the *_step methods, not forward: the root's gather / reshard hooks must run there.
             for method in ("training_step", "validation_step", "test_step", "predict_step"):
@@ -205,6 +219,15 @@ def strategy_class(namespace: str) -> type:
         def setup_optimizers(self, trainer: Any) -> None:
             self._reset_optimizers_and_schedulers()
             super().setup_optimizers(trainer)
+
+        @contextmanager
+        @override
+        def tensor_init_context(self, empty_init: bool | None = None) -> Generator[None, None, None]:
+            # configure_model builds on the host (or on meta with empty_init), not on the device: sharding then
+            # moves only each rank's shards there, so a model larger than one device can be built.
+            device = torch.device("meta") if empty_init else torch.device("cpu")
+            with device, self.precision_plugin.tensor_init_context():
+                yield
 
         @override
         def model_to_device(self) -> None:
@@ -245,6 +268,7 @@ def strategy_class(namespace: str) -> type:
         @override
         def teardown(self) -> None:
             assert self.cluster_environment is not None and self.accelerator is not None
+            self.checkpoint_io.teardown()
             self.cluster_environment.teardown()
             self.precision_plugin.teardown()
             self.accelerator.teardown()
@@ -326,4 +350,4 @@ def strategy_class(namespace: str) -> type:
     return MemTrainStrategy
 
 
-__all__ = ["ConfigError", "build_config", "strategy_class"]
+__all__ = ["ConfigError", "build_config", "check_precision", "strategy_class"]

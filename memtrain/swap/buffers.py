@@ -24,21 +24,26 @@ def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
 
 
 class HostBufferPool:
-    """``count`` buffers of ``buffer_bytes`` each; ``acquire`` blocks until one is free (or times out)."""
+    """``count`` buffers of ``buffer_bytes`` each; ``acquire`` blocks until one is free (or times out).
+
+    ``total_bytes`` is the host memory the pool holds: for pinned buffers, what the pinned allocator locks.
+    """
 
     def __init__(self, buffer_bytes: int, count: int, pin: bool | None = None,
                  budget_bytes: int | None = None) -> None:
         if buffer_bytes < 1 or count < 1:
             raise ValueError(f"buffer_bytes ({buffer_bytes}) and count ({count}) must be positive")
         buffer_bytes = -(-buffer_bytes // ALIGN) * ALIGN  # whole pages, so O_DIRECT works on every buffer
-        total = buffer_bytes * count
+        self.pin = torch.cuda.is_available() if pin is None else pin
+        # torch's pinned allocator rounds each block up to a power of two: count what it really locks.
+        footprint = 1 << (buffer_bytes - 1).bit_length() if self.pin else buffer_bytes
+        total = footprint * count
         if budget_bytes is not None and total > budget_bytes:
             raise ValueError(
                 f"{count} swap buffers of {buffer_bytes / 2**20:.1f} MiB need {total / 2**20:.1f} MiB of host memory, "
                 f"more than the host budget of {budget_bytes / 2**20:.1f} MiB: lower the buffer count or size, "
-                "or raise the budget"
+                "or raise the budget (pinned buffers cost their size rounded up to a power of two)"
             )
-        self.pin = torch.cuda.is_available() if pin is None else pin
         self.buffer_bytes = buffer_bytes
         self.total_bytes = total
         self._buffers = [aligned_empty(buffer_bytes, self.pin) for _ in range(count)]

@@ -9,7 +9,6 @@ freed or reused while the kernel still reads or writes it.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -18,22 +17,37 @@ from memtrain import _C
 from memtrain.swap.buffers import ALIGN
 
 
-@dataclass
 class SwapHandle:
-    engine: "SwapEngine"
-    handle: int
-    tensor: torch.Tensor = field(repr=False)  # kept alive until the I/O is done
-    _waited: bool = False
+    """One transfer in flight. Holds its tensor until the transfer is complete; dropping an unfinished handle
+    waits for it first, so the kernel never reads or writes freed memory."""
+
+    def __init__(self, engine: "SwapEngine", handle: int, tensor: torch.Tensor) -> None:
+        self._io = engine._io
+        self.handle = handle
+        self.tensor = tensor
+        self._outcome: BaseException | None | bool = False  # False: not waited; None: succeeded; else the error
 
     def wait(self) -> torch.Tensor:
-        """Block until the transfer is complete; raises RuntimeError naming the file if it failed."""
-        if not self._waited:
-            self._waited = True
-            self.engine._io.wait(self.handle)
+        """Block until the transfer is complete; raises RuntimeError naming the file if it failed (every time)."""
+        if self._outcome is False:
+            try:
+                self._io.wait(self.handle)
+                self._outcome = None
+            except RuntimeError as err:
+                self._outcome = err
+        if self._outcome is not None:
+            raise self._outcome
         return self.tensor
 
     def done(self) -> bool:
-        return self._waited or self.engine._io.done(self.handle)
+        return self._outcome is not False or self._io.done(self.handle)
+
+    def __del__(self) -> None:
+        if getattr(self, "_outcome", None) is False:
+            try:
+                self._io.wait(self.handle)
+            except Exception:  # noqa: BLE001 - nobody is left to report to; the bytes are simply not used
+                pass
 
 
 class SwapEngine:

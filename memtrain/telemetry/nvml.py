@@ -11,8 +11,20 @@ except ImportError:  # nvidia-ml-py is optional: CPU-only installs work without 
 _initialized = False
 
 
+def _handle(index: int) -> Any:
+    """NVML's handle for torch's CUDA device ``index``: found by UUID, since NVML numbers every GPU of the
+    machine while torch numbers only those in CUDA_VISIBLE_DEVICES (under Slurm, another job's GPU otherwise)."""
+    import torch
+
+    uuid = getattr(torch.cuda.get_device_properties(index), "uuid", None)
+    if uuid is not None:
+        text = str(uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(text if text.startswith(("GPU-", "MIG-")) else f"GPU-{text}")
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
 def gpu_readings(index: int) -> dict[str, Any] | None:
-    """``{"gpu_memory_used", "gpu_memory_total", "gpu_utilization"}`` for device ``index``, or None."""
+    """``{"gpu_memory_used", "gpu_memory_total", "gpu_utilization"}`` for torch's CUDA device ``index``, or None."""
     global _initialized
     if pynvml is None:
         return None
@@ -20,7 +32,7 @@ def gpu_readings(index: int) -> dict[str, Any] | None:
         if not _initialized:
             pynvml.nvmlInit()
             _initialized = True
-        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        handle = _handle(index)
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         utilization = pynvml.nvmlDeviceGetUtilizationRates(handle)
     except pynvml.NVMLError:
