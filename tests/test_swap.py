@@ -46,7 +46,8 @@ def test_many_requests_in_flight_at_offsets(backend: str, tmp_path: Path) -> Non
     pending = [engine.read(b, tmp_path / "shared", offset=i * slot) for i, b in enumerate(backs)]
     for h, t in zip(pending, tensors):
         assert torch.equal(h.wait(), t)
-    assert engine.stats()["max_blocks_in_flight"] > 1
+    if backend == "io_uring":  # the ring takes a whole batch at once; threads may happen to run one by one
+        assert engine.stats()["max_blocks_in_flight"] > 1
 
 
 def test_dropping_an_unwaited_handle_finishes_the_transfer(tmp_path: Path) -> None:
