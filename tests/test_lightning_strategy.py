@@ -121,3 +121,34 @@ def test_fp16_loss_scaling_is_refused_with_a_fix() -> None:
     check_precision(SimpleNamespace(precision="bf16-mixed"))  # no scaler: fine
     with pytest.raises(ConfigError, match="Use precision='bf16-mixed'"):
         check_precision(SimpleNamespace(precision="16-mixed", scaler=object()))
+
+
+def _fit_built_on_meta(rank: int, world: int) -> dict:
+    import os
+
+    import lightning.pytorch as L
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    from memtrain.strategies import MemTrainStrategy
+    from tests.lightning_run import TinyModule, launched_env, step_dataset
+
+    os.environ.update(launched_env(rank, world))
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=MemTrainStrategy(zero_stage=3), max_steps=2,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, use_distributed_sampler=False)
+    with trainer.init_module(empty_init=True):  # no memory for the full model on any rank
+        module = TinyModule()
+    built_on_meta = all(p.is_meta for p in module.parameters())
+    data = step_dataset(2, BATCH)
+    trainer.fit(module, DataLoader(data, batch_size=BATCH // world, sampler=DistributedSampler(data, world, rank, shuffle=False)))
+    local = [p.to_local() for p in module.parameters()]
+    return {"built_on_meta": built_on_meta, "meta_after": any(p.is_meta for p in local),
+            "finite": all(bool(torch.isfinite(p).all()) for p in local), "losses": module.losses}
+
+
+def test_empty_init_builds_on_meta_and_materializes_only_shards() -> None:
+    import math
+
+    for got in run_distributed(_fit_built_on_meta, 2):
+        assert got["built_on_meta"] and not got["meta_after"] and got["finite"]
+        assert all(math.isfinite(x) and x < 2 * math.log(64) for x in got["losses"])  # reset_parameters' init
