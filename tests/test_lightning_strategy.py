@@ -8,7 +8,7 @@ import torch
 
 from tests.distributed import run_distributed
 from tests.lightning_run import fit
-from tests.parity import assert_close_params, reference_run
+from tests.parity import assert_close_params, full_params, reference_run
 
 STEPS, BATCH = 4, 8
 
@@ -123,7 +123,7 @@ def test_fp16_loss_scaling_is_refused_with_a_fix() -> None:
         check_precision(SimpleNamespace(precision="16-mixed", scaler=object()))
 
 
-def _fit_built_on_meta(rank: int, world: int) -> dict:
+def _fit_built_on_meta(rank: int, world: int, stage: int) -> dict:
     import os
 
     import lightning.pytorch as L
@@ -133,7 +133,7 @@ def _fit_built_on_meta(rank: int, world: int) -> dict:
     from tests.lightning_run import TinyModule, launched_env, step_dataset
 
     os.environ.update(launched_env(rank, world))
-    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=MemTrainStrategy(zero_stage=3), max_steps=2,
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=MemTrainStrategy(zero_stage=stage), max_steps=2,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, use_distributed_sampler=False)
     with trainer.init_module(empty_init=True):  # no memory for the full model on any rank
@@ -143,12 +143,16 @@ def _fit_built_on_meta(rank: int, world: int) -> dict:
     trainer.fit(module, DataLoader(data, batch_size=BATCH // world, sampler=DistributedSampler(data, world, rank, shuffle=False)))
     local = [p.to_local() for p in module.parameters()]
     return {"built_on_meta": built_on_meta, "meta_after": any(p.is_meta for p in local),
-            "finite": all(bool(torch.isfinite(p).all()) for p in local), "losses": module.losses}
+            "finite": all(bool(torch.isfinite(p).all()) for p in local), "losses": module.losses,
+            "params": full_params(module.model)}
 
 
-def test_empty_init_builds_on_meta_and_materializes_only_shards() -> None:
+@pytest.mark.parametrize("stage", [0, 3])
+def test_empty_init_builds_on_meta_then_materializes(stage: int) -> None:
     import math
 
-    for got in run_distributed(_fit_built_on_meta, 2):
+    results = run_distributed(_fit_built_on_meta, 2, stage)
+    for got in results:
         assert got["built_on_meta"] and not got["meta_after"] and got["finite"]
         assert all(math.isfinite(x) and x < 2 * math.log(64) for x in got["losses"])  # reset_parameters' init
+    assert_close_params(results[0]["params"], results[1]["params"], rtol=0, atol=0)  # replicas agree

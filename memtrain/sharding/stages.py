@@ -32,6 +32,12 @@ def mixed_precision_policy(sharding: ShardingConfig) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=dtype(sharding.param_dtype), reduce_dtype=dtype(sharding.reduce_dtype))
 
 
+def mesh_device(mesh: DeviceMesh) -> torch.device:
+    if mesh.device_type == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(mesh.device_type)
+
+
 @torch.no_grad()
 def broadcast_module_state(model: nn.Module, mesh: DeviceMesh) -> None:
     """Copy the first rank's parameters and buffers to every rank of ``mesh`` (one collective per tensor)."""
@@ -47,7 +53,9 @@ def apply_sharding(model: nn.Module, sharding: ShardingConfig, mesh: DeviceMesh)
     mp_policy = mixed_precision_policy(sharding)
     blocks = find_blocks(model, sharding.wrap)
     if sharding.stage < 2:
-        # Replicas must start equal, as with DDP: ranks may have built the model from different seeds.
+        # Every rank holds the whole model at these stages: move it to the mesh's device (the collectives run
+        # there), then make the replicas start equal, as DDP does: ranks may have built it from different seeds.
+        model.to(mesh_device(dp_mesh))
         broadcast_module_state(model, dp_mesh)
         for block in blocks:
             replicate(block, mesh=dp_mesh, mp_policy=mp_policy)

@@ -196,8 +196,13 @@ def strategy_class(namespace: str) -> type:
             self.model = self.precision_plugin.convert_module(self.model)
             # Shard first: FSDP2 moves each rank's shards to the device, so a model larger than one device can
             # be built on the host. Then move whatever sharding does not manage (buffers of unwrapped modules).
+            # Built with empty_init (on meta): replicated stages need the whole model on every rank anyway, so
+            # allocate it before sharding (which then broadcasts rank 0's weights); sharded stages allocate only
+            # each rank's shards, after sharding.
+            if self.memtrain_config.sharding.stage < 2 and any(p.is_meta for p in self.model.parameters()):
+                fabric_init._materialize_distributed_module(self.model, self.root_device)
             self.engine.prepare_model(self.model)
-            if any(p.is_meta for p in self.model.parameters()):  # built with empty_init: allocate shards only now
+            if any(p.is_meta for p in self.model.parameters()):
                 fabric_init._materialize_distributed_module(self.model, self.root_device)
             self.model_to_device()
             # Lightning calls the *_step methods, not forward: the root's gather / reshard hooks must run there.
