@@ -195,14 +195,15 @@ def strategy_class(namespace: str) -> type:
             self.accelerator.setup(trainer)
             self.model = self.precision_plugin.convert_module(self.model)
             # Shard first: FSDP2 moves each rank's shards to the device, so a model larger than one device can
-            # be built on the host. Then move whatever sharding does not manage (buffers of unwrapped modules).
-            # Built with empty_init (on meta): replicated stages need the whole model on every rank anyway, so
-            # allocate it before sharding (which then broadcasts rank 0's weights); sharded stages allocate only
-            # each rank's shards, after sharding.
-            if self.memtrain_config.sharding.stage < 2 and any(p.is_meta for p in self.model.parameters()):
+            # be built on the host; model_to_device then moves what sharding does not manage. A model built
+            # with empty_init (on meta) is allocated whole before sharding at the replicated stages (which then
+            # broadcast rank 0's weights), and only as each rank's shards after sharding at stages 2-3.
+            on_meta = any(p.is_meta for p in self.model.parameters())
+            replicated = self.memtrain_config.sharding.stage < 2
+            if on_meta and replicated:
                 fabric_init._materialize_distributed_module(self.model, self.root_device)
             self.engine.prepare_model(self.model)
-            if any(p.is_meta for p in self.model.parameters()):
+            if on_meta and not replicated:
                 fabric_init._materialize_distributed_module(self.model, self.root_device)
             self.model_to_device()
             # Lightning calls the *_step methods, not forward: the root's gather / reshard hooks must run there.

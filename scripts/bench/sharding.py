@@ -568,25 +568,20 @@ def ratios(entries: dict[str, dict[str, Any]]) -> dict[str, Any]:
         e = entries.get(name)
         return e if e is not None and e.get("status") == "ok" else None
 
+    def ratio(e: dict[str, Any], anchor: dict[str, Any]) -> dict[str, float]:
+        return {
+            "tokens_per_s": e["tokens_per_s"] / anchor["tokens_per_s"],
+            "cpu_s_per_step": e["cpu_s_per_step"] / anchor["cpu_s_per_step"],
+            "peak_train_delta": e["peak_train_delta_bytes"] / anchor["peak_train_delta_bytes"],
+        }
+
     out: dict[str, Any] = {}
-    anchor = ok(ANCHOR)
-    for name in (*MEMTRAIN_STAGES, "memtrain-engine-zero3"):
-        e = ok(name)
+    pairs = [(name, ANCHOR) for name in (*MEMTRAIN_STAGES, "memtrain-engine-zero3")]
+    pairs += [(name, "deepspeed-zero3") for name in ("memtrain-zero3", "memtrain-engine-zero3")]
+    for name, anchor_name in pairs:
+        e, anchor = ok(name), ok(anchor_name)
         if e is not None and anchor is not None:
-            out[f"{name} / {ANCHOR}"] = {
-                "tokens_per_s": e["tokens_per_s"] / anchor["tokens_per_s"],
-                "cpu_s_per_step": e["cpu_s_per_step"] / anchor["cpu_s_per_step"],
-                "peak_train_delta": e["peak_train_delta_bytes"] / anchor["peak_train_delta_bytes"],
-            }
-    ds = ok("deepspeed-zero3")
-    for name in ("memtrain-zero3", "memtrain-engine-zero3"):
-        e = ok(name)
-        if e is not None and ds is not None:
-            out[f"{name} / deepspeed-zero3"] = {
-                "tokens_per_s": e["tokens_per_s"] / ds["tokens_per_s"],
-                "cpu_s_per_step": e["cpu_s_per_step"] / ds["cpu_s_per_step"],
-                "peak_train_delta": e["peak_train_delta_bytes"] / ds["peak_train_delta_bytes"],
-            }
+            out[f"{name} / {anchor_name}"] = ratio(e, anchor)
     return out
 
 
