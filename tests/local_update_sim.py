@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tests.parity import global_batch, make_optimizer, rank_slice, tiny_gpt
+from tests.parity import global_batch, make_optimizer, tiny_gpt
 
 
 def sgd(model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -21,7 +21,9 @@ OPTIMIZERS = {"adamw": make_optimizer, "sgd": sgd}
 
 
 def simulate(replicas: int, steps: int, batch: int, lu: dict[str, Any], optimizer: str = "adamw",
-             after_step: Any = None) -> list[dict[str, torch.Tensor]]:
+             split: str = "contiguous") -> list[dict[str, torch.Tensor]]:
+    """Parameters of every replica after ``steps``. ``split``: replica r trains on the r-th contiguous slice of
+    each global batch, or ("strided", a DistributedSampler without shuffling) on rows r, r + R, ..."""
     tau = lu["tau"]
     asynchronous = lu.get("asynchronous", True)
     lr, beta = lu.get("outer_lr", 1.0), lu.get("outer_momentum", 0.0)
@@ -54,11 +56,10 @@ def simulate(replicas: int, steps: int, batch: int, lu: dict[str, Any], optimize
     for step in range(steps):
         x, y = global_batch(step, batch)
         for r in range(replicas):
-            models[r].loss(rank_slice(x, r, replicas), rank_slice(y, r, replicas)).backward()
+            rows = slice(r, None, replicas) if split == "strided" else slice(*_bounds(r, replicas, batch))
+            models[r].loss(x[rows], y[rows]).backward()
             opts[r].step()
             opts[r].zero_grad()
-        if after_step is not None:
-            after_step(step, models)
         if (step + 1) % tau:
             continue
         g = [{n: base[r][n] - params[r][n].detach() for n in names} for r in range(replicas)]
@@ -77,3 +78,8 @@ def simulate(replicas: int, steps: int, batch: int, lu: dict[str, Any], optimize
                     params[r][n].copy_(new[r][n])
                 base[r] = {n: new[r][n].clone() for n in names}
     return [{n: p[n].detach().clone() for n in names} for p in params]
+
+
+def _bounds(r: int, replicas: int, batch: int) -> tuple[int, int]:
+    per = batch // replicas
+    return r * per, (r + 1) * per

@@ -268,3 +268,53 @@ def test_a_replica_group_of_one_fails_before_training(sharding: dict, world: int
     cfg = MemTrainConfig.from_dict({"sharding": sharding, "local_update": {"tau": 4}})
     with pytest.raises(ConfigError, match="replica group of size 1"):
         Engine.plan(cfg, world, 4)
+
+
+# -- Lightning ------------------------------------------------------------------------------------------------------
+def _lightning(rank: int, world: int, ckpt_dir: str) -> dict[str, Any]:
+    import lightning.pytorch as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.lightning_run import fit
+
+    class Metrics(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[dict[str, float]] = []
+
+        def on_train_batch_end(self, trainer: Any, *args: Any) -> None:
+            self.seen.append({k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("local_update")})
+
+    metrics = Metrics()
+    strategy = {"zero_stage": 0, "local_update": CO2}
+    run = fit(rank, world, strategy=strategy, steps=8, global_batch_size=BATCH, callbacks=[metrics],
+              trainer={"default_root_dir": ckpt_dir})  # callbacks turn on Lightning's default checkpoints
+    # epoch-end checkpoint after 3 steps: the round launched at step 2 is in flight
+    common = dict(strategy=strategy, global_batch_size=BATCH, data_steps=3, steps=-1)
+    straight = fit(rank, world, epochs=2, **common)
+    fit(rank, world, epochs=1, callbacks=[ModelCheckpoint(dirpath=ckpt_dir, save_last=True)], **common)
+    resumed = fit(rank, world, epochs=2, ckpt_path=str(Path(ckpt_dir) / "last.ckpt"), **common)
+    return {"run": run["params"], "metrics": metrics.seen, "straight": straight["params"], "resumed": resumed["params"]}
+
+
+def test_lightning_strategy_trains_co2_logs_and_resumes(tmp_path: Path) -> None:
+    want = simulate(2, 8, BATCH, CO2, split="strided")  # a DistributedSampler without shuffling
+    for rank, got in enumerate(run_distributed(_lightning, 2, str(tmp_path / "ckpts"))):
+        assert_close_params(got["run"], want[rank], rtol=1e-5, atol=1e-6)
+        outer = [m["local_update/outer_steps"] for m in got["metrics"]]
+        assert outer == [0, 0, 0, 1, 1, 2, 2, 3]  # boundaries after steps 2, 4, 6, 8; the first has nothing to apply
+        timed = [m for m in got["metrics"] if "local_update/allreduce_s" in m]
+        assert timed and all(m["local_update/allreduce_s"] >= 0 and m["local_update/hidden_s"] >= 0 for m in timed)
+        for name, value in got["straight"].items():
+            assert torch.equal(got["resumed"][name], value), name
+
+
+def test_registered_co2_names() -> None:
+    import lightning.pytorch as pl
+
+    import memtrain  # noqa: F401  (registers the names)
+
+    for name, stage, hybrid in (("memtrain_co2", 0, False), ("memtrain_co2_hybrid", 3, True)):
+        strategy = pl.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False).strategy
+        cfg = strategy.memtrain_config
+        assert (cfg.sharding.stage, cfg.sharding.hybrid, cfg.local_update.tau) == (stage, hybrid, 12)
+        assert cfg.local_update.asynchronous and cfg.local_update.staleness_penalty
