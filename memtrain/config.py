@@ -13,6 +13,10 @@ from typing import Any
 
 STAGES = (0, 1, 2, 3)
 DTYPES = ("float32", "bfloat16", "float16")
+OFFLOAD_TIERS = ("none", "cpu", "nvme")
+IO_BACKENDS = ("auto", "io_uring", "threads")
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 
 class ConfigError(ValueError):
@@ -21,6 +25,27 @@ class ConfigError(ValueError):
 
 def _err(key: str, value: Any, allowed: str) -> ConfigError:
     return ConfigError(f"{key}={value!r} is not valid: {allowed}")
+
+
+def parse_bytes(key: str, value: Any) -> int:
+    """``1048576``, ``"64MiB"``, ``"8GiB"``, ``"1.5GB"`` -> bytes; a ConfigError naming ``key`` otherwise."""
+    if isinstance(value, bool):
+        raise _err(key, value, "use a byte count such as 8589934592 or '8GiB'")
+    if isinstance(value, int):
+        if value < 1:
+            raise _err(key, value, "use a positive byte count")
+        return value
+    if isinstance(value, str):
+        text = value.strip().upper().replace(" ", "")
+        number = text.rstrip("KMGTIB")
+        unit = text[len(number):]
+        try:
+            count = float(number)
+        except ValueError:
+            count = -1.0
+        if unit in _UNITS and count > 0:
+            return int(count * _UNITS[unit])
+    raise _err(key, value, "use a byte count such as 8589934592 or a size such as '512MiB', '8GiB', '1.5GB'")
 
 
 @dataclass(frozen=True)
@@ -74,10 +99,163 @@ class ShardingConfig:
 
 
 @dataclass(frozen=True)
+class OffloadConfig:
+    """Where the training state lives besides the compute device (ZeRO-Offload / ZeRO-Infinity, Fuyou).
+
+    optimizer: Adam(W) moments on the device ("none"), in host memory ("cpu") or in NVMe files ("nvme"),
+        stepped on the CPU tile by tile through the swap pipeline. Stages 1-3.
+    params: stage 3's parameter shards in host memory ("cpu") or NVMe files ("nvme"), brought in
+        ``prefetch_blocks`` blocks ahead of use in forward and backward and released after. Needs
+        ``optimizer`` offloaded too (a parameter is only resident for its block's compute and update).
+    optimizer_cpu_fraction: with optimizer="nvme", the share of the optimizer state kept in host memory
+        (the first blocks' tiles); the rest is on NVMe.
+    host_memory_budget: the most host memory memtrain's own offload buffers and host-resident state may
+        take (bytes or '8GiB'); None: no limit. Checked before training; never exceeded.
+    overlap_backward: step each block's tiles as soon as its gradient shard is reduced, during the rest of
+        backward (Fuyou). With gradient clipping the update waits for the global norm.
+    tile_size: bytes of each optimizer-state tensor moved per tile.
+    """
+
+    optimizer: str = "none"
+    params: str = "none"
+    nvme_path: str | None = None
+    optimizer_cpu_fraction: float = 0.0
+    host_memory_budget: int | str | None = None
+    overlap_backward: bool = True
+    prefetch_blocks: int = 1
+    tile_size: int | str = "64MiB"
+    queue_depth: int = 8
+    block_size: int | str = "1MiB"
+    io_threads: int = 4
+    io_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        for key in ("optimizer", "params"):
+            if getattr(self, key) not in OFFLOAD_TIERS:
+                raise _err(f"offload.{key}", getattr(self, key), f"choose one of {list(OFFLOAD_TIERS)}")
+        if self.params != "none" and self.optimizer == "none":
+            raise _err("offload.params", self.params, "parameter offload needs offload.optimizer='cpu' or 'nvme' "
+                       "too (a parameter shard is only resident while its block computes and updates)")
+        if "nvme" in (self.optimizer, self.params) and not self.nvme_path:
+            raise ConfigError("offload.nvme_path is required when offloading to 'nvme': give a folder on the NVMe "
+                              "drive (the swap files of each run go into their own folder under it)")
+        fraction = self.optimizer_cpu_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise _err("offload.optimizer_cpu_fraction", fraction, "use a number between 0 and 1")
+        if fraction and self.optimizer != "nvme":
+            raise _err("offload.optimizer_cpu_fraction", fraction, "only meaningful with offload.optimizer='nvme'")
+        if self.host_memory_budget is not None:
+            object.__setattr__(self, "host_memory_budget", parse_bytes("offload.host_memory_budget",
+                                                                       self.host_memory_budget))
+        object.__setattr__(self, "tile_size", parse_bytes("offload.tile_size", self.tile_size))
+        object.__setattr__(self, "block_size", parse_bytes("offload.block_size", self.block_size))
+        if self.block_size % 4096:
+            raise _err("offload.block_size", self.block_size, "use a multiple of 4096 bytes (O_DIRECT)")
+        if not isinstance(self.overlap_backward, bool):
+            raise _err("offload.overlap_backward", self.overlap_backward, "use true or false")
+        for key, low in (("prefetch_blocks", 0), ("queue_depth", 1), ("io_threads", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise _err(f"offload.{key}", value, f"use an integer >= {low}")
+        if self.io_backend not in IO_BACKENDS:
+            raise _err("offload.io_backend", self.io_backend, f"choose one of {list(IO_BACKENDS)}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.optimizer != "none"
+
+
+OUTER_OPTIMIZERS = ("sgd", "nesterov")
+COMPRESSIONS = ("none", "bfloat16", "int8")
+OUTER_STATE_DEVICES = ("device", "cpu")
+
+
+@dataclass(frozen=True)
+class LocalUpdateConfig:
+    """CO2 local updates (``memtrain.local_update``): tau local optimizer steps per replica, then an outer step.
+
+    tau: local steps per outer round; None turns local updates off (the default). Replicas are the replicate
+        dimension of the mesh (stages 0-1: every rank; hybrid stages 2-3: every shard group).
+    asynchronous: True (CO2): the outer all-reduce runs in the background during the next tau local steps and
+        the outer update uses that one-round-stale average. False: the all-reduce waits (local SGD / DiLoCo).
+    outer_optimizer: "sgd" (heavy-ball outer momentum, SlowMo / CO2) or "nesterov" (DiLoCo).
+    outer_lr, outer_momentum: the outer step size and momentum (1.0 and 0.0: plain periodic averaging).
+    staleness_penalty: scale the stale pseudo-gradient down by the gap the model moved since it was taken
+        (asynchronous only). outer_clip: element-wise threshold on the outer momentum (None: no clipping).
+    compression: what crosses the replica link: "none" (fp32), "bfloat16", or "int8" with per-block scales
+        of ``compression_block`` elements.
+    outer_state_device: where the anchor and outer momentum live: "device" or "cpu" (saves device memory).
+    """
+
+    # Accepted spelling of keys that are Python keywords (``{"async": True}`` in the issue's examples).
+    KEY_ALIASES = {"async": "asynchronous"}
+
+    tau: int | None = None
+    asynchronous: bool = True
+    outer_optimizer: str = "sgd"
+    outer_lr: float = 1.0
+    outer_momentum: float = 0.0
+    staleness_penalty: bool = False
+    outer_clip: float | None = None
+    compression: str = "none"
+    compression_block: int = 2048
+    outer_state_device: str = "device"
+
+    @property
+    def enabled(self) -> bool:
+        return self.tau is not None
+
+    def __post_init__(self) -> None:
+        def number(key: str, value: Any) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise _err(f"local_update.{key}", value, "use a number")
+            return float(value)
+
+        if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1):
+            raise _err("local_update.tau", self.tau, "use a positive integer (local steps per outer round), or null")
+        for key in ("asynchronous", "staleness_penalty"):
+            if not isinstance(getattr(self, key), bool):
+                raise _err(f"local_update.{key}", getattr(self, key), "use true or false")
+        if self.outer_optimizer not in OUTER_OPTIMIZERS:
+            raise _err("local_update.outer_optimizer", self.outer_optimizer, f"choose one of {list(OUTER_OPTIMIZERS)}")
+        if number("outer_lr", self.outer_lr) <= 0:
+            raise _err("local_update.outer_lr", self.outer_lr, "use a positive number")
+        if not 0.0 <= number("outer_momentum", self.outer_momentum) < 1.0:
+            raise _err("local_update.outer_momentum", self.outer_momentum, "use a number in [0, 1)")
+        if self.outer_clip is not None and number("outer_clip", self.outer_clip) <= 0:
+            raise _err("local_update.outer_clip", self.outer_clip, "use a positive threshold, or null")
+        if self.compression not in COMPRESSIONS:
+            raise _err("local_update.compression", self.compression, f"choose one of {list(COMPRESSIONS)}")
+        block = self.compression_block
+        if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+            raise _err("local_update.compression_block", block, "use a positive integer (elements per int8 scale)")
+        if self.outer_state_device not in OUTER_STATE_DEVICES:
+            raise _err("local_update.outer_state_device", self.outer_state_device,
+                       f"choose one of {list(OUTER_STATE_DEVICES)}")
+        if self.staleness_penalty and not self.asynchronous:
+            raise _err("local_update.staleness_penalty", True,
+                       "the synchronous outer step uses a fresh average, there is no staleness: use false")
+        if self.tau is None:  # nothing is silently ignored: settings of a switched-off section are refused
+            changed = [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != f.default]
+            if changed:
+                raise _err(f"local_update.{changed[0]}", getattr(self, changed[0]),
+                           "local updates are off (local_update.tau=null): set local_update.tau to use it")
+
+
+@dataclass(frozen=True)
 class MemTrainConfig:
     """All of memtrain's settings, one section per capability."""
 
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    local_update: LocalUpdateConfig = field(default_factory=LocalUpdateConfig)
+
+    def __post_init__(self) -> None:
+        if self.offload.enabled and self.sharding.stage == 0:
+            raise _err("offload.optimizer", self.offload.optimizer, "optimizer offload needs sharding.stage 1, 2 or 3")
+        if self.offload.params != "none" and self.sharding.stage != 3:
+            raise _err("offload.params", self.offload.params, "parameter offload needs sharding.stage=3 (at stages "
+                       "0-2 every rank keeps the gathered parameters from forward to backward)")
 
     @classmethod
     def section_names(cls) -> tuple[str, ...]:
@@ -107,6 +285,8 @@ class MemTrainConfig:
 
 
 def _build_section(name: str, section_cls: type, values: Mapping[str, Any]) -> Any:
+    aliases = getattr(section_cls, "KEY_ALIASES", {})
+    values = {aliases.get(k, k): v for k, v in values.items()}
     allowed = {f.name for f in dataclasses.fields(section_cls)}
     unknown = sorted(set(values) - allowed)
     if unknown:

@@ -4,18 +4,27 @@ Both front doors use it: the Lightning strategy (``memtrain.strategies``) and th
 (``scripts/train.py``). The order in which techniques are applied to the model is fixed here:
 
     1. apply_sharding        ZeRO stage 0-3 / hybrid on FSDP2 (``memtrain.sharding``)
+    2. apply_param_offload   stage 3 parameter shards to NVMe (``memtrain.offload``)
 
 and to the optimizer:
 
     1. shard_optimizer_state  ZeRO-1 only (stages 2-3 shard optimizer state through their parameters)
+    2. apply_optimizer_offload  Adam(W) state to host memory / NVMe, stepped on the CPU tile by tile
+    3. apply_local_update     CO2 / local SGD / DiLoCo (``memtrain.local_update``), last: it wraps the
+                              optimizer's step (ZeRO-1's included) and runs the outer step after it
 
-Later capabilities (activation policies before sharding; offload after it) slot into these lists.
+With local updates on, step 1 of the model list shards over the mesh's shard dimension only
+(``across_replicas=False``): each replica is an independent FSDP2 group (stages 0-1: one rank), so backward
+never communicates across replicas, and the outer all-reduce runs over the replica group instead.
+
+Later capabilities (activation policies before sharding) slot into these lists.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,15 +37,34 @@ from torch.distributed.tensor import DTensor
 from memtrain.checkpoint.sharded import load_sharded, save_sharded
 from memtrain.checkpoint.state import load_training_state, model_state, template_optimizer_state, training_state
 from memtrain.config import MemTrainConfig
+from memtrain.offload import (
+    OffloadResources,
+    apply_optimizer_offload,
+    apply_param_offload,
+    offload_state,
+)
+from memtrain.local_update import LocalUpdate, apply_local_update, check_replicas, local_update_of
 from memtrain.sharding import apply_sharding, build_mesh, data_parallel_mesh, plan_mesh, shard_optimizer_state
 from memtrain.sharding.mesh import MeshPlan
 from memtrain.telemetry import MemoryReport, account_training_state
+
+
+def default_job_name() -> str:
+    """Names this run's swap folders: the scheduler's job id where there is one."""
+    return os.environ.get("SLURM_JOB_ID") or os.environ.get("TORCHELASTIC_RUN_ID") or "memtrain"
 
 
 @dataclass
 class Engine:
     config: MemTrainConfig
     mesh: DeviceMesh
+    job: str = field(default_factory=default_job_name)
+    offload: OffloadResources = field(init=False)
+
+    local_update: LocalUpdate | None = field(default=None, init=False)  # set by prepare_optimizer when on
+
+    def __post_init__(self) -> None:
+        self.offload = OffloadResources(self.config.offload, self.job)
 
     @classmethod
     def create(cls, config: MemTrainConfig, world_size: int, local_world_size: int, device_type: str) -> "Engine":
@@ -48,23 +76,45 @@ class Engine:
 
     @staticmethod
     def plan(config: MemTrainConfig, world_size: int, local_world_size: int) -> MeshPlan:
-        return plan_mesh(config.sharding, world_size, local_world_size)
+        plan = plan_mesh(config.sharding, world_size, local_world_size)
+        if config.local_update.enabled:
+            check_replicas(plan)
+        return plan
 
     @property
     def data_parallel_mesh(self) -> DeviceMesh:
-        return data_parallel_mesh(self.config.sharding, self.mesh)
+        return data_parallel_mesh(self.config.sharding, self.mesh, across_replicas=not self.config.local_update.enabled)
 
     # -- preparing ----------------------------------------------------------------------------------------
-    def prepare_model(self, model: nn.Module) -> nn.Module:
-        apply_sharding(model, self.config.sharding, self.mesh)
+    def prepare_model(self, model: nn.Module, materialize: Callable[[nn.Module], Any] | None = None) -> nn.Module:
+        """Shard, then offload. ``materialize``: allocates a model built on meta, called once it is sharded (so
+        only shards are allocated) and before its shards move to NVMe."""
+        offload_params = self.config.offload.params != "none" and self.mesh.device_type != "cpu"
+        apply_sharding(model, self.config.sharding, self.mesh, across_replicas=not self.config.local_update.enabled,
+                       offload_params=offload_params)
+        if materialize is not None:
+            materialize(model)
+        apply_param_offload(model, self.config.offload, self.offload)
         return model
 
-    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module) -> torch.optim.Optimizer:
-        """Call with an optimizer built over the *prepared* model's parameters."""
+    def prepare_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,
+                          max_grad_norm: float | None = None) -> torch.optim.Optimizer:
+        """Call with an optimizer built over the *prepared* model's parameters.
+
+        ``max_grad_norm``: global-norm clipping done by an offloaded optimizer itself (needed when it updates
+        blocks during backward; ``clip_grad_norm_`` would come too late there).
+        """
         if any(not isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
             raise RuntimeError("build the optimizer after engine.prepare_model(model), from its parameters")
         if self.config.sharding.stage == 1:
             shard_optimizer_state(optimizer, model, self.data_parallel_mesh)
+        if self.config.offload.enabled:
+            apply_optimizer_offload(model, optimizer, self.config.offload, self.offload,
+                                    self.data_parallel_mesh.get_group(), max_grad_norm)
+        elif max_grad_norm is not None:
+            raise ValueError("max_grad_norm is for offloaded optimizers; otherwise call engine.clip_grad_norm_")
+        if self.config.local_update.enabled:
+            self.local_update = apply_local_update(model, optimizer, self.config.local_update, self.mesh)
         return optimizer
 
     # -- stepping -----------------------------------------------------------------------------------------
@@ -81,8 +131,16 @@ class Engine:
             model.set_requires_gradient_sync(True)
 
     @staticmethod
-    def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    def clip_grad_norm_(model: nn.Module, max_norm: float, optimizer: torch.optim.Optimizer | None = None
+                        ) -> torch.Tensor:
         """Clip by the global norm over all shards; returns that norm as a plain tensor."""
+        offloaded = offload_state(optimizer) if optimizer is not None else None
+        if offloaded is not None and offloaded.overlap:
+            raise RuntimeError(
+                "the offloaded optimizer updates blocks during backward (offload.overlap_backward): pass "
+                "max_grad_norm to engine.prepare_optimizer so that it clips before updating, or set "
+                "offload.overlap_backward=false"
+            )
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return norm.full_tensor() if isinstance(norm, DTensor) else norm
@@ -100,6 +158,9 @@ class Engine:
         meta: dict[str, Any] | None = None,
         rank_state: dict[str, Any] | None = None,
     ) -> None:
+        local_update = local_update_of(optimizer) if optimizer is not None else None
+        if local_update is not None:  # replicas differ: each rank keeps its own replica's state
+            rank_state = {**(rank_state or {}), "local_update": local_update.state_dict()}
         save_sharded(path, training_state(model, optimizer), meta, rank_state)
 
     @staticmethod
@@ -112,4 +173,10 @@ class Engine:
             state["optimizer"] = template_optimizer_state(model, optimizer)
         meta, rank_state = load_sharded(path, state)
         load_training_state(model, optimizer, state)
+        local_update = local_update_of(optimizer) if optimizer is not None else None
+        if local_update is not None:
+            if rank_state is not None and "local_update" in rank_state:
+                local_update.load_state_dict(rank_state["local_update"])
+            else:  # another world size, or saved without local updates: the outer loop restarts from the model
+                local_update.reset_from_model()
         return meta, rank_state

@@ -73,8 +73,11 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
     if engine is not None:
         engine.prepare_model(model)
     optimizer = build_optimizer(model, cfg)
+    clip = cfg.trainer.gradient_clip_val
+    # An offloaded optimizer that updates blocks during backward clips inside its step (after backward is too late).
+    clip_in_step = engine is not None and bool(clip) and config.offload.enabled and config.offload.overlap_backward
     if engine is not None:
-        engine.prepare_optimizer(optimizer, model)
+        engine.prepare_optimizer(optimizer, model, max_grad_norm=clip if clip_in_step else None)
 
     corpus = ByteCorpus(build_stdlib_corpus(cfg.data.max_bytes, cfg.data.root), model.config.seq_len)
     train_set, _ = corpus.split(cfg.data.val_fraction)
@@ -100,7 +103,7 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
                 torch.cuda.set_rng_state(rank_state["cuda_rng"], device)
 
     max_steps, accumulate = cfg.trainer.max_steps, cfg.trainer.accumulate_grad_batches
-    clip, every = cfg.trainer.gradient_clip_val, cfg.callbacks.checkpoint_every_n_train_steps
+    every = cfg.callbacks.checkpoint_every_n_train_steps
     data = batches(loader, device)
     losses: list[float] = []
     tokens, start = 0, time.perf_counter()
@@ -116,7 +119,7 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
                 loss.backward()
             step_loss += loss.item()
             tokens += x.numel() * world
-        if clip:
+        if clip and not clip_in_step:
             if engine is not None:
                 engine.clip_grad_norm_(model, clip)
             else:

@@ -11,16 +11,32 @@ import torch
 import torch.nn as nn
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
+    StateDictOptions,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
+from memtrain.offload import offload_state, param_offload_of
 from memtrain.sharding.zero1 import zero1_state
 
 
 def model_state(model: nn.Module) -> dict[str, Any]:
-    return get_model_state_dict(model)
+    state = get_model_state_dict(model)
+    offload = param_offload_of(model)
+    if offload is not None:  # shards on NVMe: save from (and load into) the swap file itself
+        state.update(offload.state_views(model))
+    return state
+
+
+def load_model_state(model: nn.Module, state: dict[str, Any]) -> None:
+    """Copy a loaded model state into the model; shards on NVMe were loaded straight into the swap file."""
+    offload = param_offload_of(model)
+    if offload is not None:
+        state = {k: v for k, v in state.items() if k not in offload.state_names(model)}
+        set_model_state_dict(model, state, options=StateDictOptions(strict=False))
+        return
+    set_model_state_dict(model, state)
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -31,12 +47,17 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None) ->
 
 
 def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    offloaded = offload_state(optimizer)
+    if offloaded is not None:
+        return offloaded.state_dict()
     zero1 = zero1_state(optimizer)
     return zero1.state_dict() if zero1 is not None else get_optimizer_state_dict(model, optimizer)
 
 
 def template_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer state with every tensor allocated, for a checkpoint to be read into."""
+    if offload_state(optimizer) is not None:
+        return optimizer_state(model, optimizer)  # views of the store itself: loads land in place
     zero1 = zero1_state(optimizer)
     if zero1 is not None:
         zero1.init_state()
@@ -44,12 +65,16 @@ def template_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer)
 
 
 def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:
-    set_model_state_dict(model, state["model"])
+    load_model_state(model, state["model"])
     if optimizer is not None:
         load_optimizer_state(model, optimizer, state["optimizer"])
 
 
 def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    offloaded = offload_state(optimizer)
+    if offloaded is not None:
+        offloaded.load_state_dict(state)
+        return
     zero1 = zero1_state(optimizer)
     if zero1 is not None:
         zero1.load_state_dict(state)

@@ -11,15 +11,21 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from memtrain.config import ShardingConfig
 from memtrain.sharding.mesh import REPLICATE, SHARD
 from memtrain.sharding.wrap import find_blocks
 
 
-def data_parallel_mesh(sharding: ShardingConfig, mesh: DeviceMesh) -> DeviceMesh:
-    """The (sub)mesh the model's parameters are laid out on for this stage."""
+def data_parallel_mesh(sharding: ShardingConfig, mesh: DeviceMesh, *, across_replicas: bool = True) -> DeviceMesh:
+    """The (sub)mesh the model's parameters are laid out on for this stage.
+
+    ``across_replicas=False`` (local updates): only the shard dimension, so every replica is an independent
+    FSDP2 group whose backward never communicates across the replicate dimension.
+    """
+    if not across_replicas:
+        return mesh[SHARD]
     if sharding.stage < 2:
         return mesh[REPLICATE]
     return mesh if sharding.hybrid else mesh[SHARD]
@@ -47,9 +53,14 @@ def broadcast_module_state(model: nn.Module, mesh: DeviceMesh) -> None:
         dist.broadcast(tensor.data, src=src, group=group)
 
 
-def apply_sharding(model: nn.Module, sharding: ShardingConfig, mesh: DeviceMesh) -> nn.Module:
-    """Shard ``model`` in place, block by block, then its root; returns the same module object."""
-    dp_mesh = data_parallel_mesh(sharding, mesh)
+def apply_sharding(model: nn.Module, sharding: ShardingConfig, mesh: DeviceMesh, *,
+                   across_replicas: bool = True, offload_params: bool = False) -> nn.Module:
+    """Shard ``model`` in place, block by block, then its root; returns the same module object.
+
+    ``offload_params`` (stage 3, accelerators): the shards stay in host memory and FSDP2 copies them to the
+    device for each gather (``memtrain.offload`` may move them on to NVMe, with its own page-locked buffers).
+    """
+    dp_mesh = data_parallel_mesh(sharding, mesh, across_replicas=across_replicas)
     mp_policy = mixed_precision_policy(sharding)
     blocks = find_blocks(model, sharding.wrap)
     if sharding.stage < 2:
@@ -65,7 +76,8 @@ def apply_sharding(model: nn.Module, sharding: ShardingConfig, mesh: DeviceMesh)
     # stage 2 keeps them from forward to backward. The root's parameters (embeddings, head) are needed again
     # right at the start of backward, so the root never reshards after forward.
     reshard = sharding.stage == 3
+    offload = CPUOffloadPolicy(pin_memory=False) if offload_params else OffloadPolicy()
     for block in blocks:
-        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp_policy)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp_policy)
+        fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp_policy, offload_policy=offload)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp_policy, offload_policy=offload)
     return model

@@ -15,6 +15,25 @@ REGISTERED_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "memtrain_zero2": ("memtrain, ZeRO-2 (gradients and optimizer state sharded)", {"zero_stage": 2}),
     "memtrain_zero3": ("memtrain, ZeRO-3 (parameters, gradients and optimizer state sharded)", {"zero_stage": 3}),
     "memtrain_hybrid": ("memtrain, ZeRO-3 inside a node, replicated across nodes", {"zero_stage": 3, "hybrid": True}),
+    "memtrain_co2": (
+        "memtrain, CO2 local updates across replicas (every rank a replica), all-reduce hidden behind 12 local steps",
+        {"zero_stage": 0, "local_update": {"tau": 12, "outer_momentum": 0.2, "staleness_penalty": True,
+                                           "outer_clip": 1.0, "asynchronous": True}},
+    ),
+    "memtrain_co2_hybrid": (
+        "memtrain, ZeRO-3 inside a node, CO2 local updates across nodes (all-reduce hidden behind 12 local steps)",
+        {"zero_stage": 3, "hybrid": True,
+         "local_update": {"tau": 12, "outer_momentum": 0.2, "staleness_penalty": True, "outer_clip": 1.0,
+                          "asynchronous": True}},
+    ),
+    "memtrain_zero3_offload": (
+        "memtrain, ZeRO-3 with parameters and optimizer state in host memory (optimizer stepped on the CPU)",
+        {"zero_stage": 3, "offload_params": "cpu", "offload_optimizer": "cpu"},
+    ),
+    "memtrain_zero3_nvme": (
+        "memtrain, ZeRO-3 with parameters and optimizer state on NVMe (folder: nvme_path= or $MEMTRAIN_NVME_PATH)",
+        {"zero_stage": 3, "offload_params": "nvme", "offload_optimizer": "nvme", "nvme_path": "$MEMTRAIN_NVME_PATH"},
+    ),
 }
 
 

@@ -24,14 +24,20 @@ import torch.distributed as dist
 from lightning_utilities.core.rank_zero import rank_zero_info
 from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
 from torch import Tensor
-from torch.distributed.checkpoint.state_dict import set_model_state_dict
 from torch.distributed.fsdp import register_fsdp_forward_method
 from typing_extensions import override
 
 from memtrain.checkpoint.sharded import load_sharded, save_sharded
-from memtrain.checkpoint.state import load_optimizer_state, model_state, optimizer_state, template_optimizer_state
+from memtrain.checkpoint.state import (
+    load_model_state,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    template_optimizer_state,
+)
 from memtrain.config import ConfigError, MemTrainConfig
 from memtrain.engine import Engine
+from memtrain.local_update import local_update_of
 from memtrain.sharding import build_mesh, check_launched_world
 
 
@@ -41,11 +47,32 @@ def _sharding_overrides(zero_stage: int | None, hybrid: bool | None, shard_size:
     return {k: v for k, v in given.items() if v is not None}
 
 
-def build_config(config: MemTrainConfig | Mapping[str, Any] | None, sharding: dict[str, Any]) -> MemTrainConfig:
+# The registered NVMe strategy names take their folder from the environment when it is not given.
+NVME_PATH_FROM_ENV = "$MEMTRAIN_NVME_PATH"
+
+
+def _offload_overrides(offload_optimizer: str | None, offload_params: str | None, nvme_path: str | None,
+                       host_memory_budget: int | str | None) -> dict[str, Any]:
+    if nvme_path == NVME_PATH_FROM_ENV:
+        nvme_path = os.environ.get(NVME_PATH_FROM_ENV[1:])
+        if not nvme_path:
+            raise ConfigError(
+                "offload to NVMe needs a folder on the NVMe drive: export MEMTRAIN_NVME_PATH=/local_nvme, or pass "
+                "MemTrainStrategy(zero_stage=3, offload_params='nvme', offload_optimizer='nvme', nvme_path=...)"
+            )
+    given = {"optimizer": offload_optimizer, "params": offload_params, "nvme_path": nvme_path,
+             "host_memory_budget": host_memory_budget}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def build_config(config: MemTrainConfig | Mapping[str, Any] | None, sharding: dict[str, Any],
+                 offload: dict[str, Any] | None = None, local_update: Mapping[str, Any] | None = None
+                 ) -> MemTrainConfig:
     """Merge a config (object or mapping) with the strategy's keyword shortcuts; validated once, here."""
     data = config.to_dict() if isinstance(config, MemTrainConfig) else dict(config or {})
-    if sharding:
-        data["sharding"] = {**dict(data.get("sharding") or {}), **sharding}
+    for section, overrides in (("sharding", sharding), ("offload", offload), ("local_update", local_update)):
+        if overrides:
+            data[section] = {**dict(data.get(section) or {}), **overrides}
     return MemTrainConfig.from_dict(data)
 
 
@@ -84,6 +111,12 @@ def strategy_class(namespace: str) -> type:
             config: a ``MemTrainConfig`` or its mapping form (``{"sharding": {"stage": 2}}``).
             zero_stage, hybrid, shard_size, wrap: shortcuts for the ``sharding`` section; they override
                 ``config``.
+            offload_optimizer, offload_params ("none" / "cpu" / "nvme"), nvme_path, host_memory_budget:
+                shortcuts for the ``offload`` section (``memtrain.config.OffloadConfig``).
+            local_update: the ``local_update`` section (CO2 / local SGD / DiLoCo, ``memtrain.config.LocalUpdateConfig``),
+                e.g. ``{"tau": 12, "outer_momentum": 0.2, "staleness_penalty": True, "outer_clip": 1.0, "async": True}``.
+                Local steps never communicate across replicas (each replica is its own FSDP2 group), the outer
+                step runs inside ``optimizer_step`` after the optimizer's, and its metrics are logged there.
             process_group_backend: "nccl" / "gloo"; default by device type.
             timeout: process group timeout.
         """
@@ -98,6 +131,11 @@ def strategy_class(namespace: str) -> type:
             hybrid: bool | None = None,
             shard_size: int | None = None,
             wrap: str | list[str] | None = None,
+            offload_optimizer: str | None = None,
+            offload_params: str | None = None,
+            nvme_path: str | None = None,
+            host_memory_budget: int | str | None = None,
+            local_update: Mapping[str, Any] | None = None,
             accelerator: Any = None,
             parallel_devices: list[torch.device] | None = None,
             cluster_environment: Any = None,
@@ -113,7 +151,12 @@ def strategy_class(namespace: str) -> type:
                 checkpoint_io=checkpoint_io,
                 precision_plugin=precision_plugin,
             )
-            self.memtrain_config = build_config(config, _sharding_overrides(zero_stage, hybrid, shard_size, wrap))
+            self.memtrain_config = build_config(
+                config,
+                _sharding_overrides(zero_stage, hybrid, shard_size, wrap),
+                _offload_overrides(offload_optimizer, offload_params, nvme_path, host_memory_budget),
+                local_update,
+            )
             self._process_group_backend = process_group_backend
             self._timeout = timeout
             self._engine: Engine | None = None
@@ -202,17 +245,21 @@ def strategy_class(namespace: str) -> type:
             replicated = self.memtrain_config.sharding.stage < 2
             if on_meta and replicated:
                 fabric_init._materialize_distributed_module(self.model, self.root_device)
-            self.engine.prepare_model(self.model)
+            materialize = None
             if on_meta and not replicated:
-                fabric_init._materialize_distributed_module(self.model, self.root_device)
-            self.model_to_device()
+                # After sharding, before parameter offload moves the shards to NVMe.
+                materialize = functools.partial(fabric_init._materialize_distributed_module, device=self.root_device)
+            self.engine.prepare_model(self.model, materialize=materialize)
+            if self.memtrain_config.offload.params == "none":  # offloaded shards stay where offload put them
+                self.model_to_device()
             # Lightning calls the *_step methods, not forward: the root's gather / reshard hooks must run there.
             for method in ("training_step", "validation_step", "test_step", "predict_step"):
                 register_fsdp_forward_method(self.model, method)
             self.barrier()
             if trainer.state.fn == TrainerFn.FITTING:
                 self.setup_optimizers(trainer)
-                self.optimizers = [self.engine.prepare_optimizer(o, self.model) for o in self.optimizers]
+                max_grad_norm = self._offloaded_clip(trainer)
+                self.optimizers = [self.engine.prepare_optimizer(o, self.model, max_grad_norm) for o in self.optimizers]
                 fabric_optimizer._optimizers_to_device(self.optimizers, self.root_device)
             self.setup_precision_plugin()
             stage = self.memtrain_config.sharding
@@ -220,6 +267,20 @@ def strategy_class(namespace: str) -> type:
                 f"memtrain: ZeRO stage {stage.stage}{' hybrid' if stage.hybrid else ''} on mesh "
                 f"{tuple(self.engine.mesh.shape)} {self.engine.mesh.mesh_dim_names}"
             )
+
+        def _offloaded_clip(self, trainer: Any) -> float | None:
+            """An offloaded optimizer that updates blocks during backward clips by itself (Lightning would clip
+            after backward, too late): hand it the Trainer's threshold and make Lightning's clipping a no-op."""
+            offload = self.memtrain_config.offload
+            if not (offload.enabled and offload.overlap_backward) or not trainer.gradient_clip_val:
+                return None
+            if trainer.gradient_clip_algorithm != "norm":
+                raise ConfigError(
+                    f"gradient_clip_algorithm={trainer.gradient_clip_algorithm!r} with offload.overlap_backward: "
+                    "the offloaded optimizer clips by the global norm only; use 'norm' or overlap_backward=false"
+                )
+            self.precision_plugin.clip_gradients = lambda *args, **kwargs: None  # done inside the step
+            return float(trainer.gradient_clip_val)
 
         @override
         def setup_optimizers(self, trainer: Any) -> None:
@@ -243,7 +304,8 @@ def strategy_class(namespace: str) -> type:
         @contextmanager
         @override
         def block_backward_sync(self) -> Generator[None, None, None]:
-            """Gradient accumulation: no gradient communication until the last micro-batch."""
+            """Gradient accumulation: no gradient communication until the last micro-batch. (With local updates
+            there is none across replicas at all: the model's mesh is the shard dimension only.)"""
             assert self.model is not None
             with self.engine.no_gradient_sync(self.model):
                 yield
@@ -272,8 +334,23 @@ def strategy_class(namespace: str) -> type:
             return tensor
 
         @override
+        def optimizer_step(self, optimizer: Any, closure: Any, model: Any = None, **kwargs: Any) -> Any:
+            out = super().optimizer_step(optimizer, closure, model, **kwargs)  # local updates: the outer step ran
+            local_update = local_update_of(optimizer)
+            if local_update is not None and self.lightning_module is not None:
+                self.lightning_module.log_dict(local_update.metrics(), on_step=True, on_epoch=False)
+            return out
+
+        def _local_updates(self) -> list[Any]:
+            return [lu for lu in map(local_update_of, self.optimizers) if lu is not None]
+
+        @override
         def teardown(self) -> None:
+            for local_update in self._local_updates():
+                local_update.close()
             assert self.cluster_environment is not None and self.accelerator is not None
+            if self._engine is not None:
+                self._engine.offload.close()  # this run's swap folder goes; offloaded shards stay readable
             self.checkpoint_io.teardown()
             self.cluster_environment.teardown()
             self.precision_plugin.teardown()
@@ -315,7 +392,10 @@ def strategy_class(namespace: str) -> type:
                 tensors[f"optimizer_{i}"] = state
             checkpoint["world_size"] = self.world_size
             checkpoint["memtrain_config"] = self.memtrain_config.to_dict()
-            save_sharded(path, tensors, meta=checkpoint)
+            # Local updates: replicas differ, so each rank also keeps its replica's own state (memtrain.local_update).
+            local_updates = self._local_updates()
+            rank_state = {"local_update": [lu.state_dict() for lu in local_updates]} if local_updates else None
+            save_sharded(path, tensors, meta=checkpoint, rank_state=rank_state)
 
         @override
         def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -330,10 +410,16 @@ def strategy_class(namespace: str) -> type:
             optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
             for i, optimizer in enumerate(optimizers):
                 tensors[f"optimizer_{i}"] = template_optimizer_state(self.model, optimizer)
-            meta, _ = load_sharded(path, tensors)
-            set_model_state_dict(self.model, tensors["model"])
+            meta, rank_state = load_sharded(path, tensors)
+            load_model_state(self.model, tensors["model"])
             for i, optimizer in enumerate(optimizers):
                 load_optimizer_state(self.model, optimizer, tensors[f"optimizer_{i}"])
+            saved = (rank_state or {}).get("local_update")
+            for i, local_update in enumerate(self._local_updates()):
+                if saved is not None and i < len(saved):
+                    local_update.load_state_dict(saved[i])
+                else:  # another world size, or saved without local updates
+                    local_update.reset_from_model()
             if meta.get("world_size", self.world_size) != self.world_size:
                 rank_zero_info(f"memtrain: resharded checkpoint from {meta['world_size']} to {self.world_size} ranks")
             return meta
