@@ -91,7 +91,7 @@ class Engine:
         only shards are allocated) and before its shards move to NVMe."""
         offload_params = self.config.offload.params != "none" and self.mesh.device_type != "cpu"
         apply_sharding(model, self.config.sharding, self.mesh, across_replicas=not self.config.local_update.enabled,
-                       offload_params=offload_params)
+                       offload_params=offload_params, split_large_modules=self.config.offload.enabled)
         if materialize is not None:
             materialize(model)
         apply_param_offload(model, self.config.offload, self.offload)

@@ -2,6 +2,7 @@
 run without offload, on 2 gloo processes; resume from a checkpoint; errors before training."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -10,19 +11,23 @@ import pytest
 import torch
 
 from tests.distributed import run_distributed
-from tests.parity import LR, full_params, global_batch, mean_across_ranks, rank_slice, tiny_gpt
+from tests.parity import LR, TINY, full_params, global_batch, mean_across_ranks, rank_slice, tiny_gpt
 
 STEPS, BATCH = 3, 8
 TILE = 4096  # the smallest tile: each block's state moves in several tiles
 
 
 def _train(rank: int, world: int, stage: int, offload: dict[str, Any], steps: range, clip: float | None = None,
-           accumulate: int = 1, load_from: str | None = None, save_to: str | None = None) -> dict[str, Any]:
+           accumulate: int = 1, load_from: str | None = None, save_to: str | None = None,
+           vocab: int = TINY.vocab_size) -> dict[str, Any]:
     from memtrain import Engine, MemTrainConfig
+    from memtrain.offload import offload_state
+
+    cfg = dataclasses.replace(TINY, vocab_size=vocab)
 
     config = MemTrainConfig.from_dict({"sharding": {"stage": stage}, "offload": offload})
     engine = Engine.create(config, world, world, "cpu")
-    model = engine.prepare_model(tiny_gpt())
+    model = engine.prepare_model(tiny_gpt(cfg=cfg))
     # The fused CPU kernel on both sides: the offloaded step runs the same kernel on tiles of the same values.
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.1, fused=True)
     in_optimizer_clip = clip is not None and config.offload.enabled and config.offload.overlap_backward
@@ -31,7 +36,7 @@ def _train(rank: int, world: int, stage: int, offload: dict[str, Any], steps: ra
         engine.load_checkpoint(load_from, model, opt)
     losses = []
     for step in steps:
-        x, y = global_batch(step, BATCH)
+        x, y = global_batch(step, BATCH, cfg)
         x, y = rank_slice(x, rank, world), rank_slice(y, rank, world)
         total = 0.0
         for micro in range(accumulate):
@@ -49,16 +54,19 @@ def _train(rank: int, world: int, stage: int, offload: dict[str, Any], steps: ra
     if save_to is not None:
         engine.save_checkpoint(save_to, model, opt, meta={"step": steps.stop})
     swap = engine.offload.directory.path if engine.offload.directory is not None else None
+    offloaded = offload_state(opt)
     out = {"losses": losses, "params": full_params(model), "swap": str(swap) if swap else None,
+           "units": [u.name for u in offloaded.units] if offloaded is not None else None,
            "swap_exists_during_run": swap.exists() if swap else None}
     engine.offload.close()
     return out
 
 
 @functools.cache
-def _baseline(stage: int, steps: int, clip: float | None = None, accumulate: int = 1) -> dict[str, Any]:
+def _baseline(stage: int, steps: int, clip: float | None = None, accumulate: int = 1,
+              vocab: int = TINY.vocab_size) -> dict[str, Any]:
     """The same run without offload (computed once per session)."""
-    return run_distributed(_train, 2, stage, {}, range(steps), clip, accumulate)[0]
+    return run_distributed(_train, 2, stage, {}, range(steps), clip, accumulate, None, None, vocab)[0]
 
 
 def _offload(tmp: Path, **kw: Any) -> dict[str, Any]:
@@ -90,6 +98,16 @@ def test_stage3_offload_is_bitwise_equal_to_no_offload(combo: str, tmp_path: Pat
         _assert_same(got, want, exact=True)
         assert got["swap"] is None or not Path(got["swap"]).exists()  # removed at exit
     assert not list(tmp_path.glob("memtrain-swap-*"))
+
+
+def test_embedding_and_head_as_their_own_units(tmp_path: Path) -> None:
+    """A vocabulary large enough that the embedding and head outweigh a block: with offload they become FSDP2
+    groups of their own (the head's update overlaps backward), with the same results."""
+    want = _baseline(3, STEPS, vocab=1024)
+    offload = _offload(tmp_path, optimizer="nvme", params="nvme")
+    for got in run_distributed(_train, 2, 3, offload, range(STEPS), None, 1, None, None, 1024):
+        _assert_same(got, want, exact=True)
+        assert got["units"] == ["<root>", "wte", "blocks.0", "blocks.1", "lm_head"]
 
 
 @pytest.mark.parametrize("stage", [1, 2])

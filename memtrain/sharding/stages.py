@@ -15,7 +15,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from memtrain.config import ShardingConfig
 from memtrain.sharding.mesh import REPLICATE, SHARD
-from memtrain.sharding.wrap import find_blocks
+from memtrain.sharding.wrap import find_blocks, find_large_modules
 
 
 def data_parallel_mesh(sharding: ShardingConfig, mesh: DeviceMesh, *, across_replicas: bool = True) -> DeviceMesh:
@@ -54,11 +54,14 @@ def broadcast_module_state(model: nn.Module, mesh: DeviceMesh) -> None:
 
 
 def apply_sharding(model: nn.Module, sharding: ShardingConfig, mesh: DeviceMesh, *,
-                   across_replicas: bool = True, offload_params: bool = False) -> nn.Module:
+                   across_replicas: bool = True, offload_params: bool = False,
+                   split_large_modules: bool = False) -> nn.Module:
     """Shard ``model`` in place, block by block, then its root; returns the same module object.
 
     ``offload_params`` (stage 3, accelerators): the shards stay in host memory and FSDP2 copies them to the
     device for each gather (``memtrain.offload`` may move them on to NVMe, with its own page-locked buffers).
+    ``split_large_modules`` (stages 2-3, used with offload): modules outside the blocks as large as a block
+    (embedding, output head) become groups of their own.
     """
     dp_mesh = data_parallel_mesh(sharding, mesh, across_replicas=across_replicas)
     mp_policy = mixed_precision_policy(sharding)
@@ -79,5 +82,11 @@ def apply_sharding(model: nn.Module, sharding: ShardingConfig, mesh: DeviceMesh,
     offload = CPUOffloadPolicy(pin_memory=False) if offload_params else OffloadPolicy()
     for block in blocks:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp_policy, offload_policy=offload)
+    if split_large_modules:
+        # Like the root, kept gathered from forward to backward: the head is used last in forward, first in
+        # backward; the embedding's gradient is the last one backward produces.
+        for module in find_large_modules(model, blocks):
+            fully_shard(module, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp_policy,
+                        offload_policy=offload)
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp_policy, offload_policy=offload)
     return model

@@ -63,3 +63,20 @@ def _repeated_children(model: nn.Module) -> list[nn.Module]:
 
 def _contains(outer: nn.Module, inner: nn.Module) -> bool:
     return any(m is inner for m in outer.modules())
+
+
+def find_large_modules(model: nn.Module, blocks: list[nn.Module]) -> list[nn.Module]:
+    """Modules outside the blocks that hold at least as many parameters of their own as the largest block
+    (a language model's embedding and output head). As their own groups, the head's update can start as soon
+    as backward begins, and no group is several blocks large (offload sizes its buffers by the largest)."""
+    if not blocks:
+        return []
+    largest = max(sum(p.numel() for p in b.parameters()) for b in blocks)
+    found = []
+    for module in model.modules():
+        if module is model or any(_contains(b, module) for b in blocks):
+            continue
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own >= largest:
+            found.append(module)
+    return found
