@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch.distributed.fsdp import FSDPModule
 
 from memtrain.config import ConfigError, OffloadConfig
+from memtrain.offload.host_memory import return_freed_memory_to_os
 from memtrain.offload.optimizer import Entry, OffloadedAdam, Unit, check_supported
 from memtrain.offload.params import ParamOffload
 from memtrain.offload.store import FLOAT_BYTES, StateStore, _round_up, plan_tiers
@@ -45,6 +46,8 @@ class OffloadResources:
     def charge(self, use: str, nbytes: int) -> None:
         """Count host memory against ``offload.host_memory_budget``; refuse, before training, what exceeds it."""
         budget = self.config.host_memory_budget
+        if budget is not None:
+            return_freed_memory_to_os()
         total = sum(self.host_bytes.values()) + nbytes
         if budget is not None and total > budget:
             held = ", ".join(f"{k} {_gib(v)}" for k, v in {**self.host_bytes, use: nbytes}.items())
