@@ -242,6 +242,85 @@ class LocalUpdateConfig:
                            "local updates are off (local_update.tau=null): set local_update.tau to use it")
 
 
+ACTIVATION_POLICIES = ("none", "keep", "recompute", "swap", "split", "auto")
+ACTIVATION_TIERS = ("cpu", "nvme")
+
+
+@dataclass(frozen=True)
+class ActivationsConfig:
+    """What happens to each transformer block's saved activations (``memtrain.activations``).
+
+    policy: "none" (memtrain does not touch them), "keep" (kept, but accounted), "recompute" (non-reentrant
+        checkpointing of every block), "swap" (moved to ``tier`` in forward, brought back ahead of need in
+        backward; the last ``keep_last_blocks`` blocks are kept), "split" (MEMO token-wise: ``swap_fraction`` of
+        the tokens' activations of the token-parallel parts swapped, the rest recomputed), "auto" (a planner
+        profiles one step and picks per block, to fit ``memory_budget`` at the least predicted step time).
+    tier: "cpu" (reused host buffers, page-locked on CUDA) or "nvme" (files through the swap engine, under
+        ``nvme_path`` or else ``offload.nvme_path``).
+    swap_fraction: split only: the share of tokens swapped (None: the planner's choice, the most that hides).
+    memory_budget: auto only (required there): bytes of saved block activations allowed on the compute device.
+    keep_last_blocks: swap / split: the last blocks stay on the device (their swap could not be hidden).
+    min_bytes: saved tensors smaller than this stay on the device. prefetch_blocks: blocks reloaded ahead.
+    token_parallel: "auto" (a block's LayerNorm / RMSNorm and *MLP / *FeedForward children) or class names
+        of a block's children that act on every token independently (split applies to them).
+    seq_dim: the sequence dimension of those children's inputs.
+    """
+
+    policy: str = "none"
+    tier: str = "cpu"
+    swap_fraction: float | None = None
+    memory_budget: int | str | None = None
+    nvme_path: str | None = None
+    keep_last_blocks: int = 1
+    min_bytes: int | str = 1024
+    prefetch_blocks: int = 1
+    token_parallel: str | tuple[str, ...] = "auto"
+    seq_dim: int = 1
+
+    def __post_init__(self) -> None:
+        if self.policy not in ACTIVATION_POLICIES:
+            raise _err("activations.policy", self.policy, f"choose one of {list(ACTIVATION_POLICIES)}")
+        if self.tier not in ACTIVATION_TIERS:
+            raise _err("activations.tier", self.tier, f"choose one of {list(ACTIVATION_TIERS)}")
+        fraction = self.swap_fraction
+        if fraction is not None:
+            if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
+                raise _err("activations.swap_fraction", fraction, "use a number strictly between 0 and 1, or null")
+            if self.policy != "split":
+                raise _err("activations.swap_fraction", fraction, "only meaningful with activations.policy='split'")
+        if self.memory_budget is not None:
+            object.__setattr__(self, "memory_budget", parse_bytes("activations.memory_budget", self.memory_budget))
+            if self.policy != "auto":
+                raise _err("activations.memory_budget", self.memory_budget,
+                           "only meaningful with activations.policy='auto' (the planner fits it)")
+        elif self.policy == "auto":
+            raise ConfigError("activations.policy='auto' needs activations.memory_budget (bytes or a size such as "
+                              "'6GiB'): the planner fits the blocks' saved activations into it")
+        object.__setattr__(self, "min_bytes", parse_bytes("activations.min_bytes", self.min_bytes))
+        for key, low in (("keep_last_blocks", 0), ("prefetch_blocks", 0), ("seq_dim", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise _err(f"activations.{key}", value, f"use an integer >= {low}")
+        if isinstance(self.token_parallel, str):
+            if self.token_parallel != "auto":
+                raise _err("activations.token_parallel", self.token_parallel,
+                           "use 'auto' or a list of class names of a block's token-parallel children")
+        else:
+            names = tuple(self.token_parallel)
+            if not names or not all(isinstance(n, str) and n for n in names):
+                raise _err("activations.token_parallel", self.token_parallel,
+                           "use 'auto' or a non-empty list of class names")
+            object.__setattr__(self, "token_parallel", names)
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != "none"
+
+    @property
+    def moves_bytes(self) -> bool:
+        return self.policy in ("swap", "split", "auto")
+
+
 @dataclass(frozen=True)
 class MemTrainConfig:
     """All of memtrain's settings, one section per capability."""
@@ -249,8 +328,17 @@ class MemTrainConfig:
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     local_update: LocalUpdateConfig = field(default_factory=LocalUpdateConfig)
+    activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+
+    @property
+    def activations_nvme_path(self) -> str | None:
+        """The folder of the activations' NVMe tier: its own, else the offload section's."""
+        return self.activations.nvme_path or self.offload.nvme_path
 
     def __post_init__(self) -> None:
+        if self.activations.moves_bytes and self.activations.tier == "nvme" and not self.activations_nvme_path:
+            raise ConfigError("activations.tier='nvme' is not configured: set activations.nvme_path (or "
+                              "offload.nvme_path) to a folder on the NVMe drive, or use activations.tier='cpu'")
         if self.offload.enabled and self.sharding.stage == 0:
             raise _err("offload.optimizer", self.offload.optimizer, "optimizer offload needs sharding.stage 1, 2 or 3")
         if self.offload.params != "none" and self.sharding.stage != 3:

@@ -3,8 +3,11 @@
 Both front doors use it: the Lightning strategy (``memtrain.strategies``) and the plain torchrun loop
 (``scripts/train.py``). The order in which techniques are applied to the model is fixed here:
 
-    1. apply_sharding        ZeRO stage 0-3 / hybrid on FSDP2 (``memtrain.sharding``)
-    2. apply_param_offload   stage 3 parameter shards to NVMe (``memtrain.offload``)
+    1. apply_activations     per-block keep / recompute / swap / token-wise split of saved activations
+                             (``memtrain.activations``), first: it wraps each block's own forward, so FSDP2's
+                             hooks (added next) run around it and gather a recomputed block's parameters
+    2. apply_sharding        ZeRO stage 0-3 / hybrid on FSDP2 (``memtrain.sharding``)
+    3. apply_param_offload   stage 3 parameter shards to NVMe (``memtrain.offload``)
 
 and to the optimizer:
 
@@ -13,37 +16,38 @@ and to the optimizer:
     3. apply_local_update     CO2 / local SGD / DiLoCo (``memtrain.local_update``), last: it wraps the
                               optimizer's step (ZeRO-1's included) and runs the outer step after it
 
-With local updates on, step 1 of the model list shards over the mesh's shard dimension only
+With local updates on, step 2 of the model list shards over the mesh's shard dimension only
 (``across_replicas=False``): each replica is an independent FSDP2 group (stages 0-1: one rank), so backward
 never communicates across replicas, and the outer all-reduce runs over the replica group instead.
 
-Later capabilities (activation policies before sharding) slot into these lists.
+Later capabilities slot into these lists.
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn as nn
+from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
+from memtrain.activations import ActivationManager, apply_activations
 from memtrain.checkpoint.sharded import load_sharded, save_sharded
 from memtrain.checkpoint.state import load_training_state, model_state, template_optimizer_state, training_state
 from memtrain.config import MemTrainConfig
+from memtrain.local_update import LocalUpdate, apply_local_update, check_replicas, local_update_of
 from memtrain.offload import (
     OffloadResources,
     apply_optimizer_offload,
     apply_param_offload,
     offload_state,
 )
-from memtrain.local_update import LocalUpdate, apply_local_update, check_replicas, local_update_of
 from memtrain.sharding import apply_sharding, build_mesh, data_parallel_mesh, plan_mesh, shard_optimizer_state
 from memtrain.sharding.mesh import MeshPlan
 from memtrain.telemetry import MemoryReport, account_training_state
@@ -62,12 +66,13 @@ class Engine:
     offload: OffloadResources = field(init=False)
 
     local_update: LocalUpdate | None = field(default=None, init=False)  # set by prepare_optimizer when on
+    activations: ActivationManager | None = field(default=None, init=False)  # set by prepare_model when on
 
     def __post_init__(self) -> None:
         self.offload = OffloadResources(self.config.offload, self.job)
 
     @classmethod
-    def create(cls, config: MemTrainConfig, world_size: int, local_world_size: int, device_type: str) -> "Engine":
+    def create(cls, config: MemTrainConfig, world_size: int, local_world_size: int, device_type: str) -> Engine:
         """Validate the mesh against the world (ConfigError if it cannot work), then build it.
 
         Needs an initialized default process group; call ``plan`` first to fail before starting one.
@@ -87,8 +92,10 @@ class Engine:
 
     # -- preparing ----------------------------------------------------------------------------------------
     def prepare_model(self, model: nn.Module, materialize: Callable[[nn.Module], Any] | None = None) -> nn.Module:
-        """Shard, then offload. ``materialize``: allocates a model built on meta, called once it is sharded (so
-        only shards are allocated) and before its shards move to NVMe."""
+        """Activation policies, then shard, then offload. ``materialize``: allocates a model built on meta, called
+        once it is sharded (so only shards are allocated) and before its shards move to NVMe."""
+        self.activations = apply_activations(model, self.config.activations, self.config.sharding.wrap,
+                                             self.config.activations_nvme_path, self.job)
         offload_params = self.config.offload.params != "none" and self.mesh.device_type != "cpu"
         apply_sharding(model, self.config.sharding, self.mesh, across_replicas=not self.config.local_update.enabled,
                        offload_params=offload_params, split_large_modules=self.config.offload.enabled)

@@ -65,12 +65,31 @@ def _offload_overrides(offload_optimizer: str | None, offload_params: str | None
     return {k: v for k, v in given.items() if v is not None}
 
 
+def _activations_overrides(activations: str | Mapping[str, Any] | None,
+                           activation_memory_budget: int | str | None) -> dict[str, Any]:
+    """``activations="swap"`` or ``{"policy": "swap", ...}``; a budget alone means the planner (policy auto)."""
+    if activations is None:
+        given: dict[str, Any] = {}
+    elif isinstance(activations, str):
+        given = {"policy": activations}
+    elif isinstance(activations, Mapping):
+        given = dict(activations)
+    else:
+        raise ConfigError(f"activations={activations!r} is not valid: use a policy name such as 'auto' or a mapping "
+                          "of activations settings")
+    if activation_memory_budget is not None:
+        given["memory_budget"] = activation_memory_budget
+        given.setdefault("policy", "auto")
+    return given
+
+
 def build_config(config: MemTrainConfig | Mapping[str, Any] | None, sharding: dict[str, Any],
-                 offload: dict[str, Any] | None = None, local_update: Mapping[str, Any] | None = None
-                 ) -> MemTrainConfig:
+                 offload: dict[str, Any] | None = None, local_update: Mapping[str, Any] | None = None,
+                 activations: Mapping[str, Any] | None = None) -> MemTrainConfig:
     """Merge a config (object or mapping) with the strategy's keyword shortcuts; validated once, here."""
     data = config.to_dict() if isinstance(config, MemTrainConfig) else dict(config or {})
-    for section, overrides in (("sharding", sharding), ("offload", offload), ("local_update", local_update)):
+    for section, overrides in (("sharding", sharding), ("offload", offload), ("local_update", local_update),
+                               ("activations", activations)):
         if overrides:
             data[section] = {**dict(data.get(section) or {}), **overrides}
     return MemTrainConfig.from_dict(data)
@@ -117,6 +136,9 @@ def strategy_class(namespace: str) -> type:
                 e.g. ``{"tau": 12, "outer_momentum": 0.2, "staleness_penalty": True, "outer_clip": 1.0, "async": True}``.
                 Local steps never communicate across replicas (each replica is its own FSDP2 group), the outer
                 step runs inside ``optimizer_step`` after the optimizer's, and its metrics are logged there.
+            activations: a policy name ("keep" / "recompute" / "swap" / "split" / "auto") or the ``activations``
+                section as a mapping (``memtrain.config.ActivationsConfig``), e.g. ``{"policy": "swap", "tier":
+                "cpu"}``. activation_memory_budget: bytes or '6GiB' for the planner (implies policy "auto").
             process_group_backend: "nccl" / "gloo"; default by device type.
             timeout: process group timeout.
         """
@@ -136,6 +158,8 @@ def strategy_class(namespace: str) -> type:
             nvme_path: str | None = None,
             host_memory_budget: int | str | None = None,
             local_update: Mapping[str, Any] | None = None,
+            activations: str | Mapping[str, Any] | None = None,
+            activation_memory_budget: int | str | None = None,
             accelerator: Any = None,
             parallel_devices: list[torch.device] | None = None,
             cluster_environment: Any = None,
@@ -156,6 +180,7 @@ def strategy_class(namespace: str) -> type:
                 _sharding_overrides(zero_stage, hybrid, shard_size, wrap),
                 _offload_overrides(offload_optimizer, offload_params, nvme_path, host_memory_budget),
                 local_update,
+                _activations_overrides(activations, activation_memory_budget),
             )
             self._process_group_backend = process_group_backend
             self._timeout = timeout
@@ -351,6 +376,8 @@ def strategy_class(namespace: str) -> type:
             assert self.cluster_environment is not None and self.accelerator is not None
             if self._engine is not None:
                 self._engine.offload.close()  # this run's swap folder goes; offloaded shards stay readable
+                if self._engine.activations is not None:
+                    self._engine.activations.close()
             self.checkpoint_io.teardown()
             self.cluster_environment.teardown()
             self.precision_plugin.teardown()

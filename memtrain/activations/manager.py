@@ -1,0 +1,323 @@
+"""``ActivationManager``: runs each block's forward under its policy and coordinates swaps across blocks.
+
+Per block, one of: keep (saved tensors stay, counted), recompute (non-reentrant checkpoint), swap (the block's
+saved tensors go to the tier in forward and come back in backward), split (MEMO token-wise, see ``split.py``).
+In backward, the first time a block's saved tensor is needed (or its recompute starts), the swapped blocks
+below it are reloaded ahead of need (``prefetch_blocks`` of them, in reverse block order).
+
+With ``policy="auto"`` the first training forward is a profile: every block swaps (the least memory, and the
+hooks see every saved tensor), its compute time, saved bytes and token-parallel share are recorded; the next
+forward plans (``planner.py``) and runs the plan from then on.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from memtrain.activations.arenas import ArenaPool
+from memtrain.activations.packet import Packet, SavedRecord, Transfers
+from memtrain.activations.recompute import recompute
+from memtrain.activations.split import split_forward, token_parallel_children
+from memtrain.config import ActivationsConfig
+from memtrain.telemetry.saved_tensors import HeldTensor, SavedTensorAccounting, is_parameter_like, storage_bytes
+
+KINDS = ("keep", "recompute", "swap", "split")
+
+
+@dataclass(frozen=True)
+class BlockPolicy:
+    kind: str
+    fraction: float | None = None  # split: the share of tokens swapped
+
+    def __str__(self) -> str:
+        return f"split({self.fraction:.2f})" if self.kind == "split" else self.kind
+
+
+@dataclass
+class BlockProfile:
+    """What one block did in the profiled forward (all blocks swapping)."""
+
+    forward_s: float = 0.0
+    token_forward_s: float = 0.0  # inside its token-parallel children
+    saved_bytes: int = 0  # distinct storages large enough to move
+    small_bytes: int = 0  # kept on the device (below min_bytes)
+    token_saved_bytes: int = 0  # of saved_bytes, saved inside token-parallel children
+    token_input_bytes: int = 0  # inputs of the token-parallel children (what split keeps for the rest)
+    input_bytes: int = 0  # the block's tensor inputs (what recompute keeps)
+    move_s: float = 0.0  # measured seconds spent copying out (synchronous copies only)
+
+
+@dataclass
+class Profile:
+    blocks: list[BlockProfile] = field(default_factory=list)
+    device: str = "cpu"
+
+
+class _Scope:
+    """One block forward under keep / swap / split: the saved-tensor hooks and what they collect."""
+
+    def __init__(self, manager: "ActivationManager", index: int, policy: BlockPolicy,
+                 profile: BlockProfile | None) -> None:
+        self.m, self.index, self.policy, self.profile = manager, index, policy, profile
+        self.packet: Packet | None = None
+        self.in_token = 0
+        self.hooks: Any = None
+
+    def __enter__(self) -> "_Scope":
+        if self.policy.kind in ("swap", "split"):
+            self.packet = self.m._new_packet(self.index)
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        self.hooks.__enter__()
+        self.m._scope = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.m._scope = None
+        self.hooks.__exit__(*exc)
+        if self.packet is not None:
+            self.m._close_packet(self.packet)
+
+    def pack(self, t: torch.Tensor) -> Any:
+        if is_parameter_like(t) or t.layout != torch.strided or type(t) is not torch.Tensor:
+            return t
+        nbytes = storage_bytes(t)
+        if self.packet is None or nbytes < self.m.config.min_bytes or t.device != self.m.device_of(t):
+            if self.profile is not None:
+                self.profile.small_bytes += nbytes
+            return HeldTensor(t, self.m.accounting, on_unpack=self._reached)
+        before = len(self.packet.slots)
+        start = time.perf_counter()
+        record = self.packet.add(t)
+        if self.profile is not None and len(self.packet.slots) > before:
+            self.profile.move_s += time.perf_counter() - start
+            self.profile.saved_bytes += nbytes
+            if self.in_token:
+                self.profile.token_saved_bytes += nbytes
+        return record
+
+    def unpack(self, obj: Any) -> torch.Tensor:
+        if isinstance(obj, SavedRecord):
+            self.m._backward_reaches(self.index)
+            return obj.packet.get(obj)
+        if isinstance(obj, HeldTensor):
+            return obj.take()
+        return obj
+
+    def _reached(self) -> None:
+        self.m._backward_reaches(self.index)
+
+
+def _sync(device: torch.device | None) -> None:
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class ActivationManager:
+    def __init__(self, blocks: list[nn.Module], config: ActivationsConfig, nvme_path: str | None = None,
+                 job: str = "memtrain") -> None:
+        if not blocks:
+            raise ValueError("activation policies apply per block, and the model has no blocks (sharding.wrap)")
+        self.blocks = blocks
+        self.config = config
+        self.accounting = SavedTensorAccounting()
+        self.policies = self._fixed_policies(config)
+        self.expected = [0] * len(blocks)  # arena bytes per block, from what it saved last time
+        self.packets: list[list[Packet]] = [[] for _ in blocks]
+        self.transfers: Transfers | None = None
+        self.folder = None
+        if config.moves_bytes and config.tier == "nvme":
+            from memtrain.swap import SwapDirectory
+
+            if nvme_path is None:
+                raise ValueError("activations.tier='nvme' needs a folder (activations.nvme_path)")
+            self.folder = SwapDirectory(nvme_path, f"{job}-activations")
+        self.profile: Profile | None = None
+        self.plan: Any = None  # planner.Plan once planned
+        self._profiling = config.policy == "auto"
+        self._profile_started = False
+        self._warmup_steps = 1
+        self._scope: _Scope | None = None
+        self._device: torch.device | None = None
+        self._originals: list[tuple[nn.Module, Any]] = []
+        for index, block in enumerate(blocks):
+            self._wrap_block(index, block)
+            for child in token_parallel_children(block, config.token_parallel):
+                self._wrap_token_child(index, child)
+
+    # -- policies -----------------------------------------------------------------------------------------
+    def _fixed_policies(self, config: ActivationsConfig) -> list[BlockPolicy]:
+        n = len(self.blocks)
+        kind = config.policy if config.policy in KINDS else "swap"  # auto: the profile swaps everything
+        policies = [BlockPolicy(kind, config.swap_fraction if kind == "split" else None) for _ in range(n)]
+        if kind == "split" and config.swap_fraction is None:
+            policies = [BlockPolicy("split", 0.5) for _ in range(n)]
+        if config.policy in ("swap", "split"):
+            for i in range(max(0, n - config.keep_last_blocks), n):
+                policies[i] = BlockPolicy("keep")
+        return policies
+
+    def set_policies(self, policies: list[BlockPolicy]) -> None:
+        if len(policies) != len(self.blocks) or any(p.kind not in KINDS for p in policies):
+            raise ValueError(f"one policy per block ({len(self.blocks)}), each one of {KINDS}")
+        self.policies = list(policies)
+
+    def device_of(self, t: torch.Tensor) -> torch.device:
+        if self._device is None:
+            self._device = t.device
+        return self._device
+
+    # -- wrapping -----------------------------------------------------------------------------------------
+    def _wrap_block(self, index: int, block: nn.Module) -> None:
+        original = block.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if not torch.is_grad_enabled():
+                return original(*args, **kwargs)
+            if index == 0:
+                self._step_begins()
+            policy = self.policies[index]
+            profile = self._block_profile(index, args)
+            start = time.perf_counter() if profile is not None else 0.0
+            if policy.kind == "recompute":
+                out = recompute(original, args, kwargs, self.accounting, lambda: self._backward_reaches(index))
+            else:
+                with _Scope(self, index, policy, profile):
+                    out = original(*args, **kwargs)
+            if profile is not None:
+                _sync(self._device)
+                profile.forward_s += time.perf_counter() - start
+            return out
+
+        block.forward = forward  # instance attribute: FSDP2's hooks still run around it
+        self._originals.append((block, original))
+
+    def _wrap_token_child(self, index: int, child: nn.Module) -> None:
+        original = child.forward
+
+        def forward(x: Any, *args: Any, **kwargs: Any) -> Any:
+            scope = self._scope
+            if scope is None or scope.index != index or args or kwargs or not isinstance(x, torch.Tensor):
+                return original(x, *args, **kwargs)
+            if scope.profile is not None:
+                _sync(self._device)
+                start = time.perf_counter()
+                scope.profile.token_input_bytes += x.numel() * x.element_size()
+                scope.in_token += 1
+                try:
+                    out = original(x)
+                finally:
+                    scope.in_token -= 1
+                _sync(self._device)
+                scope.profile.token_forward_s += time.perf_counter() - start
+                return out
+            if scope.policy.kind != "split" or x.dim() <= self.config.seq_dim:
+                return original(x)
+            return split_forward(original, x, scope.policy.fraction or 0.5, self.config.seq_dim, self.accounting,
+                                 lambda: self._backward_reaches(index))
+
+        child.forward = forward
+        self._originals.append((child, original))
+
+    def remove(self) -> None:
+        """Undo the wrapping (the blocks run their own forward again)."""
+        for module, _original in self._originals:
+            module.__dict__.pop("forward", None)
+        self._originals = []
+        self.close()
+
+    # -- profile and plan ---------------------------------------------------------------------------------
+    def _block_profile(self, index: int, args: tuple[Any, ...]) -> BlockProfile | None:
+        if not self._profiling or self.profile is None or self._profile_done:
+            return None
+        prof = self.profile.blocks[index]
+        prof.input_bytes += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
+        _sync(self._device)
+        return prof
+
+    def _step_begins(self) -> None:
+        if self.transfers is not None:
+            self.transfers.reap()
+        if not self._profiling:
+            return
+        if self._warmup_steps > 0:  # the first forward pays one-off costs (allocations, arenas): not profiled
+            self._warmup_steps -= 1
+            return
+        if not self._profile_started:
+            self._profile_started = True
+            self._profile_done = False
+            self.profile = Profile([BlockProfile() for _ in self.blocks])
+            return
+        self._profile_done = True
+        self._profiling = False
+        from memtrain.activations.planner import make_plan
+
+        assert self.profile is not None
+        self.profile.device = str(self._device)
+        self.plan = make_plan(self.profile, self.config, self._device or torch.device("cpu"), self._bandwidth_probe())
+        self.set_policies(self.plan.policies)
+        print(self.plan.table(), flush=True)
+
+    _profile_done = False
+
+    def _bandwidth_probe(self) -> Any:
+        from memtrain.activations.planner import measure_bandwidth
+
+        def probe(nbytes: int) -> tuple[float, float]:
+            return measure_bandwidth(self.config.tier, self._device or torch.device("cpu"), nbytes, self.folder)
+
+        return probe
+
+    # -- swapping -----------------------------------------------------------------------------------------
+    def _new_packet(self, index: int) -> Packet:
+        if self.transfers is None:
+            device = self._device or torch.device("cpu")
+            engine = None
+            if self.config.tier == "nvme":
+                from memtrain.swap import SwapEngine
+
+                engine = SwapEngine()
+            self.transfers = Transfers(self.config.tier, device, self.accounting, ArenaPool(pin=device.type == "cuda"),
+                                       engine, self.folder)
+        used = {int(p.file.stem.rsplit("-", 1)[1]) for p in self.packets[index] if p.file is not None}
+        file_index = min(set(range(len(used) + 1)) - used)
+        return Packet(self.transfers, index, self.expected[index], file_index, on_release=self._packet_released)
+
+    def _close_packet(self, packet: Packet) -> None:
+        fill = packet.close()
+        self.expected[packet.block] = max(self.expected[packet.block], fill)
+        if packet.live == 0:
+            packet.release()
+        else:
+            self.packets[packet.block].append(packet)
+
+    def _packet_released(self, packet: Packet) -> None:
+        if packet in self.packets[packet.block]:
+            self.packets[packet.block].remove(packet)
+
+    def _backward_reaches(self, index: int) -> None:
+        """Backward needs block ``index`` now: start reloading the swapped blocks below it."""
+        for below in range(index - 1, max(-1, index - 1 - self.config.prefetch_blocks), -1):
+            for packet in reversed(self.packets[below]):
+                if packet.state == "out" and packet.closed:
+                    packet.prefetch()
+                    break
+
+    # -- telemetry ----------------------------------------------------------------------------------------
+    def metrics(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.accounting.as_flat_dict())
+        pool = self.transfers.pool if self.transfers is not None else None
+        out["activations/host_arena_bytes"] = pool.total_bytes if pool is not None else 0
+        if self.plan is not None:
+            out["activations/predicted_peak"] = self.plan.predicted_peak
+            out["activations/predicted_step_s"] = self.plan.predicted_time_s
+        return out
+
+    def close(self) -> None:
+        if self.transfers is not None:
+            self.transfers.reap(block=True)
+        if self.folder is not None:
+            self.folder.remove()

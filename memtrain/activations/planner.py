@@ -1,0 +1,251 @@
+"""The planner: from one profiled step, pick per block keep / recompute / swap / split to fit a memory budget.
+
+Cost model, per block j (bytes and seconds from the profile, bandwidths measured on this machine):
+
+    keep       resident S+K                     extra time 0
+    recompute  resident I (the kept input)      extra time F (the forward again)
+    swap       resident K (small tensors)       extra time: the copies out and back; on CUDA they run on a side
+               + S in flight during its forward stream and only the part longer than the next block's forward
+               and reloaded ahead of backward   (out) / backward (~2F, in) is paid; on a CPU device all of it
+    split(a)   resident K                       extra time (1-a) Ft (recompute of the token-parallel children)
+               moves M = (S-Ts) + a Ts + (1-a) P  + the copies of M, as for swap (the recomputed tokens' inputs
+                                                  are moved as well and come back before their rerun)
+
+where S = bytes the block saves (distinct storages), K = those below ``min_bytes`` (never moved), I = the block's
+input, Ts = the part of S saved inside token-parallel children, P = their inputs, F / Ft = forward time of the
+block / of those children. The peak is simulated in the order the bytes are held: in forward, the blocks below
+keep what they keep while block j holds its whole working set; in backward, block j's reload and the prefetch
+of the blocks below come on top of what is still kept. The budget covers the blocks' saved activations (what
+the accounting in ``memtrain.telemetry.saved_tensors`` counts for them).
+
+Search: start from keeping everything (the least time); while the peak is over budget, take the change of one
+block's policy that lowers the peak most per second it adds. If that cannot reach the budget, a search that
+only minimizes the peak gives the smallest reachable budget, which the error names.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from memtrain.activations.manager import BlockPolicy, BlockProfile, Profile
+from memtrain.config import ActivationsConfig, ConfigError
+
+SPLIT_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+@dataclass(frozen=True)
+class Option:
+    policy: BlockPolicy
+    resident: float  # held after the block's forward, until its backward
+    working: float  # held at the end of the block's own forward
+    reload: float  # brought back in backward
+    extra_s: float  # predicted seconds added to the step
+
+
+@dataclass
+class Plan:
+    policies: list[BlockPolicy]
+    options: list[Option]
+    profile: Profile
+    budget: int
+    predicted_peak: int
+    predicted_time_s: float
+    bandwidth: tuple[float, float]  # bytes/s out, in
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def table(self) -> str:
+        out_bw, in_bw = self.bandwidth
+        lines = [
+            f"memtrain activation plan: budget {self.budget / 2**20:.2f} MiB, predicted peak "
+            f"{self.predicted_peak / 2**20:.2f} MiB, predicted step {self.predicted_time_s * 1e3:.1f} ms, "
+            f"copy out {out_bw / 1e9:.2f} GB/s, in {in_bw / 1e9:.2f} GB/s ({self.profile.device})",
+            f"{'block':>5}  {'policy':<12} {'kept MiB':>9} {'moved MiB':>10} {'fwd ms':>8} {'extra ms':>9}",
+        ]
+        for row in self.rows:
+            lines.append(f"{row['block']:>5}  {row['policy']:<12} {row['kept'] / 2**20:>9.2f} "
+                         f"{row['moved'] / 2**20:>10.2f} {row['forward_s'] * 1e3:>8.2f} {row['extra_s'] * 1e3:>9.2f}")
+        return "\n".join(lines)
+
+
+def _transfer_s(nbytes: float, bw: tuple[float, float], overlap: bool, window_out: float, window_in: float) -> float:
+    out_s, in_s = nbytes / bw[0], nbytes / bw[1]
+    if overlap:
+        return max(0.0, out_s - window_out) + max(0.0, in_s - window_in)
+    return out_s + in_s
+
+
+def block_options(profiles: list[BlockProfile], j: int, bw: tuple[float, float], overlap: bool,
+                  fixed_fraction: float | None = None) -> list[Option]:
+    p = profiles[j]
+    forward = max(p.forward_s - p.move_s, 1e-9)
+    token_forward = min(p.token_forward_s, forward)
+    nxt = profiles[j + 1] if j + 1 < len(profiles) else None
+    window_out = max(nxt.forward_s - nxt.move_s, 0.0) if nxt is not None else 0.0
+    window_in = 2 * window_out  # the backward of the block above, ~2x its forward
+    S, K = p.saved_bytes, p.small_bytes
+    opts = [
+        Option(BlockPolicy("keep"), S + K, S + K, 0, 0.0),
+        Option(BlockPolicy("recompute"), p.input_bytes, p.input_bytes, 0, forward),
+        Option(BlockPolicy("swap"), K, S + K, S, _transfer_s(S, bw, overlap, window_out, window_in)),
+    ]
+    if p.token_saved_bytes > 0:
+        Ts, P = p.token_saved_bytes, p.token_input_bytes
+        fractions = set(SPLIT_FRACTIONS) if fixed_fraction is None else {fixed_fraction}
+        if overlap and fixed_fraction is None:  # MEMO: the most tokens whose copies still hide behind compute
+            hidden = min(bw[0] * window_out, bw[1] * window_in) - (S - Ts)
+            hide = hidden / Ts
+            if 0.0 < hide < 1.0:
+                fractions.add(round(hide, 3))
+        for a in sorted(fractions):
+            # The recomputed chunk's inputs are saved by the checkpoint inside the block's swap hooks: moved too.
+            moved = (S - Ts) + a * Ts + (1 - a) * P
+            kept = K
+            opts.append(Option(BlockPolicy("split", a), kept, moved + kept, moved,
+                               (1 - a) * token_forward + _transfer_s(moved, bw, overlap, window_out, window_in)))
+    return opts
+
+
+def simulate_peak(options: list[Option], prefetch_blocks: int) -> float:
+    """The most bytes held at once, in the order the accounting holds and releases them."""
+    held, peak = 0.0, 0.0
+    for o in options:
+        peak = max(peak, held + o.working)
+        held += o.resident
+    peak = max(peak, held)
+    loaded: dict[int, float] = {}
+    for j in range(len(options) - 1, -1, -1):
+        loaded.setdefault(j, options[j].reload)
+        for i in range(j - 1, max(-1, j - 1 - prefetch_blocks), -1):
+            loaded.setdefault(i, options[i].reload)
+        peak = max(peak, held + sum(loaded.values()))
+        held -= options[j].resident
+        loaded.pop(j, None)
+    return peak
+
+
+def _search(choices: list[list[Option]], budget: float, prefetch: int, time_matters: bool) -> list[Option]:
+    current = [c[0] for c in choices]  # keep everything
+    peak = simulate_peak(current, prefetch)
+    while peak > budget:
+        best, best_score, best_peak = None, 0.0, peak
+        for j, opts in enumerate(choices):
+            for o in opts:
+                if o is current[j]:
+                    continue
+                trial = current[:j] + [o] + current[j + 1 :]
+                new_peak = simulate_peak(trial, prefetch)
+                gain = peak - new_peak
+                if gain <= 0:
+                    continue
+                cost = o.extra_s - current[j].extra_s
+                score = gain / max(cost, 1e-12) if time_matters else gain
+                if score > best_score:
+                    best, best_score, best_peak = (j, o), score, new_peak
+        if best is None:
+            break
+        current[best[0]] = best[1]
+        peak = best_peak
+    if time_matters and peak <= budget:  # the greedy can overshoot: undo what the budget does not need
+        improved = True
+        while improved:
+            improved = False
+            for j, opts in enumerate(choices):
+                for o in sorted(opts, key=lambda o: o.extra_s):
+                    if o.extra_s >= current[j].extra_s:
+                        break
+                    trial = current[:j] + [o] + current[j + 1 :]
+                    if simulate_peak(trial, prefetch) <= budget:
+                        current, improved = trial, True
+                        break
+    return current
+
+
+def make_plan(profile: Profile, config: ActivationsConfig, device: torch.device,
+              probe: Callable[[int], tuple[float, float]]) -> Plan:
+    blocks = profile.blocks
+    largest = max((b.saved_bytes for b in blocks), default=0)
+    bw = probe(max(largest, 1 << 20))
+    overlap = device.type == "cuda"
+    choices = [block_options(blocks, j, bw, overlap) for j in range(len(blocks))]
+    budget = int(config.memory_budget or 0)
+    chosen = _search(choices, budget, config.prefetch_blocks, time_matters=True)
+    peak = simulate_peak(chosen, config.prefetch_blocks)
+    if peak > budget:
+        candidates = [
+            _search(choices, 0, config.prefetch_blocks, time_matters=False),
+            [c[2] for c in choices],  # swap everything
+            [c[1] for c in choices],  # recompute everything
+        ]
+        smallest = min(simulate_peak(c, config.prefetch_blocks) for c in candidates)
+        for c in candidates:
+            if simulate_peak(c, config.prefetch_blocks) <= budget:
+                chosen, peak = c, simulate_peak(c, config.prefetch_blocks)
+                break
+        else:
+            raise ConfigError(
+                f"activations.memory_budget={budget} bytes ({budget / 2**20:.2f} MiB) cannot be reached: the smallest "
+                f"budget any plan reaches for these blocks is {int(smallest)} bytes ({smallest / 2**20:.2f} MiB); "
+                "raise the budget, or shorten the sequence / micro-batch"
+            )
+    base = sum(max(b.forward_s - b.move_s, 0.0) * 3 for b in blocks)  # forward + ~2x in backward
+    rows = []
+    for j, (o, b) in enumerate(zip(chosen, blocks)):
+        rows.append({"block": j, "policy": str(o.policy), "kept": int(o.resident), "moved": int(o.reload),
+                     "forward_s": max(b.forward_s - b.move_s, 0.0), "extra_s": o.extra_s})
+    return Plan([o.policy for o in chosen], chosen, profile, budget, int(peak),
+                base + sum(o.extra_s for o in chosen), bw, rows)
+
+
+def measure_bandwidth(tier: str, device: torch.device, nbytes: int, folder: Any = None) -> tuple[float, float]:
+    """Bytes/s out of and back into ``device`` through ``tier`` (best of 3 on a buffer of ~``nbytes``)."""
+    from memtrain.swap import aligned_empty
+
+    n = max(1 << 20, min(int(nbytes), 64 << 20)) // 4096 * 4096
+    cuda = device.type == "cuda"
+    src = torch.ones(n, dtype=torch.uint8, device=device)
+    host = aligned_empty(n, pin=cuda)
+
+    def best(fn: Callable[[], None]) -> float:
+        times = []
+        for _ in range(3):
+            if cuda:
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+        return max(min(times), 1e-9)
+
+    out_s = best(lambda: host.copy_(src, non_blocking=cuda))
+    in_s = best(lambda: src.copy_(host, non_blocking=cuda))
+    if tier == "nvme":
+        from memtrain.swap import SwapEngine
+
+        engine = SwapEngine()
+        path = folder.file("bandwidth-probe.bin") if folder is not None else os.path.join(tempfile.gettempdir(),
+                                                                                         f"memtrain-probe-{os.getpid()}")
+        try:
+            out_s += best(lambda: engine.write(host, path).wait())
+            in_s += best(lambda: engine.read(host, path).wait())
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+    return n / out_s, n / in_s
+
+
+def predict_peak(profile: Profile, policies: list[BlockPolicy], prefetch_blocks: int) -> int:
+    """The peak the cost model predicts for given per-block policies (what a plan's test checks against)."""
+    bw = (1e9, 1e9)  # the peak does not depend on bandwidth
+    options = []
+    for j, policy in enumerate(policies):
+        opts = block_options(profile.blocks, j, bw, False, policy.fraction if policy.kind == "split" else None)
+        options.append(next(o for o in opts if o.policy.kind == policy.kind))
+    return int(simulate_peak(options, prefetch_blocks))
