@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from memtrain.config import ConfigError, MemTrainConfig
@@ -68,7 +69,7 @@ def _offload_section(kind: str, section: Mapping[str, Any], offload: dict[str, A
 
 
 def from_deepspeed(source: str | os.PathLike | Mapping[str, Any]) -> ImportedDeepSpeedConfig:
-    data = dict(source) if isinstance(source, Mapping) else json.loads(open(source).read())
+    data = dict(source) if isinstance(source, Mapping) else json.loads(Path(source).read_text())
     notes: list[str] = []
     sharding: dict[str, Any] = {}
     offload: dict[str, Any] = {}

@@ -49,6 +49,7 @@ def _train(rank: int, world: int, stage: int, offload: dict[str, Any], steps: ra
         if clip is not None and not in_optimizer_clip:
             engine.clip_grad_norm_(model, clip, opt)
         opt.step()
+        memory = engine.memory(model, opt).bytes
         opt.zero_grad()
         losses.append(mean_across_ranks(total))
     if save_to is not None:
@@ -56,7 +57,7 @@ def _train(rank: int, world: int, stage: int, offload: dict[str, Any], steps: ra
     swap = engine.offload.directory.path if engine.offload.directory is not None else None
     offloaded = offload_state(opt)
     out = {"losses": losses, "params": full_params(model), "swap": str(swap) if swap else None,
-           "units": [u.name for u in offloaded.units] if offloaded is not None else None,
+           "units": [u.name for u in offloaded.units] if offloaded is not None else None, "memory": memory,
            "swap_exists_during_run": swap.exists() if swap else None}
     engine.offload.close()
     return out
@@ -94,8 +95,15 @@ COMBOS = {
 @pytest.mark.parametrize("combo", list(COMBOS))
 def test_stage3_offload_is_bitwise_equal_to_no_offload(combo: str, tmp_path: Path) -> None:
     want = _baseline(3, STEPS)
-    for got in run_distributed(_train, 2, 3, _offload(tmp_path, **COMBOS[combo]), range(STEPS)):
+    combo_settings = COMBOS[combo]
+    for got in run_distributed(_train, 2, 3, _offload(tmp_path, **combo_settings), range(STEPS)):
         _assert_same(got, want, exact=True)
+        # Telemetry counts each part on its tier.
+        params, state = got["memory"]["params"], got["memory"]["optimizer_state"]
+        if combo_settings.get("params") == "nvme":
+            assert params["nvme"] > 0 and params["host"] == 0
+        nvme_share = 0.0 if combo_settings["optimizer"] == "cpu" else 1 - combo_settings.get("optimizer_cpu_fraction", 0)
+        assert (state["nvme"] > 0) == (nvme_share > 0) and (state["host"] > 0) == (nvme_share < 1)
         assert got["swap"] is None or not Path(got["swap"]).exists()  # removed at exit
     assert not list(tmp_path.glob("memtrain-swap-*"))
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
 from memtrain.config import ConfigError, OffloadConfig

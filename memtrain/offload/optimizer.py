@@ -23,10 +23,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
+from torch import nn
 from torch.distributed.tensor import DTensor
 
 from memtrain.offload.params import ParamOffload, ParamUnit
+from memtrain.offload.staging import DeviceStaging
 from memtrain.offload.store import StateStore
 from memtrain.sharding.zero1 import zero1_state
 
@@ -92,6 +93,7 @@ class OffloadedAdam:
         self._stepped_in_backward: set[int] = set()
         self._sq_norms: dict[int, torch.Tensor] = {}
         self._lock = threading.Lock()
+        self._staging: DeviceStaging | None = None  # made on the first update of parameters on a GPU
         zero1 = zero1_state(optimizer)
         if zero1 is not None:  # ZeRO-1 sets this rank's shards and their gradients up, we step them, it gathers
             zero1._inner_step = self.step_units
@@ -145,10 +147,12 @@ class OffloadedAdam:
 
     @staticmethod
     def _unit_sq_norm(unit: Unit) -> torch.Tensor:
+        # Per-tensor norms, then their squares summed in float64 (as clip_grad_norm_ combines per-tensor norms);
+        # no float64 copy of a gradient is ever made.
         sq = torch.zeros((), dtype=torch.float64)
         for e in unit.entries:
             if e.param.grad is not None:
-                sq += _local(e.param.grad).double().pow(2).sum().cpu()
+                sq += torch.linalg.vector_norm(_local(e.param.grad)).double().cpu() ** 2
         return sq
 
     @torch.no_grad()
@@ -163,12 +167,14 @@ class OffloadedAdam:
             for e in live:
                 step = self.steps.setdefault(e.fqn, torch.zeros((), dtype=torch.float32))
                 step += 1
-            for tile in self.store.tiles(index):
-                for e in live:
-                    lo, hi = max(e.start, tile.start), min(e.start + e.numel, tile.start + tile.numel)
-                    if lo >= hi:
-                        continue
-                    self._adam(e, lo - e.start, hi - e.start, tile.tensors, lo - tile.start, clip)
+            if _local(live[0].param).device.type == "cuda":
+                self._update_device_tiles(index, live, clip)
+            else:
+                for tile in self.store.tiles(index):
+                    for e, lo, hi, at in _segments(live, tile.start, tile.numel):
+                        param = _local(e.param).view(-1)[lo:hi]
+                        grad = _local(e.param.grad).view(-1)[lo:hi]
+                        self._adam(e, param, grad, tile.tensors, at, clip)
         finally:
             if unit.params is not None and self.params is not None:
                 self.params.release(unit.params, dirty=True)
@@ -176,23 +182,43 @@ class OffloadedAdam:
             for e in live:
                 e.param.grad = None
 
-    def _adam(self, e: Entry, lo: int, hi: int, state: dict[str, torch.Tensor], at: int, clip: float | None) -> None:
+    def _update_device_tiles(self, index: int, live: list[Entry], clip: float | None) -> None:
+        """Parameters and gradients on the GPU: each tile's slices are staged through page-locked buffers, the
+        next tile's device->host copies running while this tile is updated (see ``staging.py``)."""
+        if self._staging is None:
+            self._staging = DeviceStaging(self.store.tile_elems, _local(live[0].param).device)
+        staging = self._staging
+        spans = self.store.spans(index)
+
+        def fetch(i: int) -> tuple[list[tuple[Entry, int, int, int]], Any]:
+            segments = _segments(live, *spans[i])
+            pairs = [(_local(e.param).view(-1)[lo:hi], _local(e.param.grad).view(-1)[lo:hi])
+                     for e, lo, hi, _ in segments]
+            return segments, staging.fetch(pairs)
+
+        upcoming = fetch(0) if spans else None
+        for i, tile in enumerate(self.store.tiles(index)):
+            assert upcoming is not None
+            segments, staged = upcoming
+            upcoming = fetch(i + 1) if i + 1 < len(spans) else None
+            staging.wait(staged)
+            for (e, _, _, at), param, grad in zip(segments, staged.params, staged.grads):
+                self._adam(e, param, grad, tile.tensors, at, clip)
+            staging.put_back(staged)
+        staging.finish()
+
+    def _adam(self, e: Entry, param: torch.Tensor, grad: torch.Tensor, state: dict[str, torch.Tensor], at: int,
+              clip: float | None) -> None:
+        """One fused CPU Adam(W) call on a parameter slice and the matching slice of the state tile."""
         group = self.optimizer.param_groups[e.group]
-        param = _local(e.param).view(-1)[lo:hi]
-        grad = _local(e.param.grad).view(-1)[lo:hi]
-        on_device = param.device.type != "cpu"
-        if on_device:  # parameters kept on the accelerator: update a host copy, then copy it back
-            device_param, param, grad = param, param.to("cpu"), grad.to("cpu")
         if clip is not None:
             grad = grad * clip
-        n = hi - lo
+        n = param.numel()
         beta1, beta2 = group["betas"]
         kernel = torch._fused_adamw_ if self.decoupled else torch._fused_adam_
         kernel([param], [grad], [state["exp_avg"][at : at + n]], [state["exp_avg_sq"][at : at + n]], [],
                [self.steps[e.fqn]], lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                weight_decay=group["weight_decay"], eps=group["eps"], amsgrad=False, maximize=False)
-        if on_device:
-            device_param.copy_(param)
 
     # -- overlap with backward --------------------------------------------------------------------------------
     def _hook_post_backward(self, index: int, unit: Unit) -> None:
@@ -267,6 +293,17 @@ class OffloadedAdam:
                     _local(target).copy_(_local(value))
         for group, saved in zip(self.optimizer.param_groups, state_dict["param_groups"]):
             group.update({k: v for k, v in saved.items() if k != "params"})
+
+
+def _segments(entries: list[Entry], start: int, numel: int) -> list[tuple[Entry, int, int, int]]:
+    """(entry, lo, hi, at): the part [lo, hi) of each entry's elements inside the tile [start, start + numel),
+    at offset ``at`` of the tile."""
+    out = []
+    for e in entries:
+        lo, hi = max(e.start, start), min(e.start + e.numel, start + numel)
+        if lo < hi:
+            out.append((e, lo - e.start, hi - e.start, lo - start))
+    return out
 
 
 def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,8 @@ class ParamUnit:
     dirty: bool = False
     gathering: bool = False  # between FSDP2's unshard and its wait_for_unshard
     held_for_update: bool = False  # gathered in backward, kept for its update
+    ready: threading.Event = field(default_factory=threading.Event)  # set once the read is done and in place
+    read_error: BaseException | None = None
 
 
 class ParamOffload:
@@ -119,7 +121,11 @@ class ParamOffload:
             self.pool.release(index)
 
     def _start_read(self, unit: ParamUnit, index: int) -> None:
+        while any(w[0] is unit for w in self._writes):  # never read a region whose write-back is in flight
+            self._reap_oldest_write()
         unit.buffer = index
+        unit.ready.clear()
+        unit.read_error = None
         unit.reading = [self.engine.read(self.pool._buffers[index][: unit.nbytes], self.path, unit.file_offset)]
 
     def _acquire_buffer(self) -> int:
@@ -147,13 +153,20 @@ class ParamOffload:
         with self._lock:
             unit.users += 1
             reading, unit.reading = unit.reading, []
-        for handle in reading:
-            try:
+        if not reading:  # another thread took the read over (or it is long done): wait until it is in place
+            unit.ready.wait()
+            if unit.read_error is not None:
+                raise unit.read_error
+            return
+        try:
+            for handle in reading:
                 handle.wait()
-            except RuntimeError as err:
-                raise RuntimeError(f"reading the parameters of {unit.name} failed: {err}") from err
-        if reading:
             self._point_at(unit, self._views(unit, self.pool._buffers[unit.buffer]))
+        except RuntimeError as err:
+            unit.read_error = RuntimeError(f"reading the parameters of {unit.name} failed: {err}")
+            raise unit.read_error from err
+        finally:
+            unit.ready.set()
 
     def release(self, unit: ParamUnit, dirty: bool = False) -> None:
         """One user is done; the last one writes the unit back if it changed and gives its buffer back."""
@@ -233,6 +246,10 @@ class ParamOffload:
 
         group.unshard = unshard_resident
         group.wait_for_unshard = wait_then_release
+
+    def evicted_params(self) -> set[int]:
+        """ids of the sharded parameters whose data is on NVMe right now."""
+        return {id(p.sharded_param) for u in self.units if u.buffer is None for p in u.group.fsdp_params}
 
     # -- checkpoints -----------------------------------------------------------------------------------------
     def state_names(self, model: torch.nn.Module) -> set[str]:

@@ -81,6 +81,7 @@ class StateStore:
             # One tile being computed, ``prefetch_tiles`` being read, one being written back.
             self.pool = HostBufferPool(len(keys) * self.tile_elems * FLOAT_BYTES, prefetch_tiles + 2)
         self._writebacks: deque[tuple[int, list[SwapHandle]]] = deque()
+        self._maps: dict[str, torch.Tensor] = {}
 
     # -- sizes, for the host budget and telemetry ------------------------------------------------------------
     @property
@@ -92,6 +93,11 @@ class StateStore:
     @property
     def nvme_bytes(self) -> int:
         return sum(os.path.getsize(p) for p in self.files.values())
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes of optimizer state per tier (the swap buffers are not state)."""
+        host = sum(t.numel() * FLOAT_BYTES for t in self.host.values())
+        return {"host": host, "nvme": self.nvme_bytes}
 
     @staticmethod
     def tile_elems_for(units: list[UnitRange], tile_bytes: int) -> int:
@@ -108,7 +114,7 @@ class StateStore:
     def tiles(self, unit: int) -> Iterator[Tile]:
         """Yield the unit's tiles in order; whatever the caller writes into a tile is stored when it moves on."""
         u = self.units[unit]
-        spans = [(s, min(self.tile_elems, u.numel - s)) for s in range(0, u.numel, self.tile_elems)]
+        spans = self.spans(unit)
         if u.tier == "cpu":
             for start, numel in spans:
                 at = u.offset + start
@@ -135,6 +141,11 @@ class StateStore:
                         pass
                 assert self.pool is not None
                 self.pool.release(index)
+
+    def spans(self, unit: int) -> list[tuple[int, int]]:
+        """(start, numel) of each tile ``tiles(unit)`` yields, in order."""
+        n = self.units[unit].numel
+        return [(s, min(self.tile_elems, n - s)) for s in range(0, n, self.tile_elems)]
 
     def flush(self) -> None:
         """Wait for every write-back; raises (naming the file) if one failed."""
@@ -186,9 +197,12 @@ class StateStore:
         u = self.units[unit]
         if u.tier == "cpu":
             return {k: self.host[k][u.offset : u.offset + u.numel] for k in self.keys}
-        views = {}
-        for key, path in self.files.items():
-            whole = torch.from_file(str(path), shared=True, size=os.path.getsize(path) // FLOAT_BYTES,
-                                    dtype=torch.float32)
-            views[key] = whole[u.offset : u.offset + u.numel]
-        return views
+        return {key: whole[u.offset : u.offset + u.numel] for key, whole in self._mapped().items()}
+
+    def _mapped(self) -> dict[str, torch.Tensor]:
+        """One shared mapping per file, made on first use (untouched, it holds no memory)."""
+        if not self._maps:
+            for key, path in self.files.items():
+                self._maps[key] = torch.from_file(str(path), shared=True,
+                                                  size=os.path.getsize(path) // FLOAT_BYTES, dtype=torch.float32)
+        return self._maps

@@ -71,6 +71,15 @@ def telemetry_callback_class(namespace: str) -> type:
             figures["peak_memory_bytes"] = peak_memory_bytes(device)
             if device.type == "cuda":
                 figures.update(gpu_readings(device.index or 0) or {})
+            swap = getattr(getattr(trainer.strategy, "_engine", None), "offload", None)
+            if swap is not None and swap.engine is not None:  # the offload's I/O counters, cumulative
+                stats = swap.engine.stats()
+                for key in ("bytes_read", "bytes_written", "read_seconds", "write_seconds", "max_blocks_in_flight"):
+                    figures[f"swap_{key}"] = float(stats[key])
+            activations = getattr(getattr(trainer.strategy, "_engine", None), "activations", None)
+            if activations is not None:  # saved-activation bytes on the device now / at the peak, moved per tier
+                figures.update({k.replace("/", "_") + "_bytes": float(v) for k, v in activations.metrics().items()
+                                if not k.endswith("_s")})
             self.summary = figures
             return figures
 

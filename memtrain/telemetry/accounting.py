@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
-TIERS = ("gpu", "host_pinned", "host")
+TIERS = ("gpu", "host_pinned", "host", "nvme")
 CATEGORIES = ("params", "grads", "optimizer_state")
 
 
@@ -29,8 +29,8 @@ class MemoryReport:
         default_factory=lambda: {c: {t: 0 for t in TIERS} for c in CATEGORIES}
     )
 
-    def add(self, category: str, t: torch.Tensor) -> None:
-        self.bytes[category][tier_of(t)] += t.numel() * t.element_size()
+    def add(self, category: str, t: torch.Tensor, tier: str | None = None) -> None:
+        self.bytes[category][tier or tier_of(t)] += t.numel() * t.element_size()
 
     def total(self, category: str) -> int:
         return sum(self.bytes[category].values())
@@ -50,22 +50,32 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 def account_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
+    """Offloaded state counts on its tier: parameter shards swapped out and optimizer moments in NVMe files as
+    "nvme", host-resident moments as "host"."""
+    from memtrain.offload import offload_state, param_offload_of
+
     report = MemoryReport()
     seen: set[tuple[int, int, torch.device]] = set()
 
-    def add_once(category: str, t: torch.Tensor) -> None:
+    def add_once(category: str, t: torch.Tensor, tier: str | None = None) -> None:
         t = _local(t)
         key = (t.data_ptr(), t.numel(), t.device)
         if t.numel() == 0 or key in seen:
             return
         seen.add(key)
-        report.add(category, t)
+        report.add(category, t, tier)
 
+    swapped = param_offload_of(model)
+    evicted = swapped.evicted_params() if swapped is not None else set()
     for p in model.parameters():
-        add_once("params", p.data)
+        add_once("params", p.data, "nvme" if id(p) in evicted else None)
     for p in model.parameters():
         if p.grad is not None:
             add_once("grads", p.grad)
+    offloaded = offload_state(optimizer) if optimizer is not None else None
+    if offloaded is not None:
+        for tier, nbytes in offloaded.store.state_bytes().items():
+            report.bytes["optimizer_state"][tier] += nbytes
     if optimizer is not None:
         for state in optimizer.state.values():
             for value in state.values():

@@ -49,6 +49,8 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from memtrain.config import parse_bytes  # after the path is set
+
 CONTENDERS = ("memtrain-nvme", "deepspeed-nvme", "memtrain-none", "deepspeed-none")
 GIB = 2**30
 
@@ -108,7 +110,7 @@ def init_weights(model: Any) -> None:
 def batch(args: argparse.Namespace, step: int) -> tuple[Any, Any]:
     import torch
 
-    gen = torch.Generator().manual_seed(1000 + step)
+    gen = torch.Generator().manual_seed(1000 + (0 if args.same_batch else step))
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=gen)
     return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
 
@@ -307,6 +309,19 @@ def child(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------------------
 # Parent side
 # ------------------------------------------------------------------------------------------------------------
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def memory_cgroup(name: str, limit: int | None) -> Path | None:
+    """A cgroup (v1) that caps the contender's memory (RSS + page cache, reclaimed first) at ``limit``."""
+    if limit is None:
+        return None
+    group = CGROUP_ROOT / f"memtrain_bench_{name}_{os.getpid()}"
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(limit))
+    return group
+
+
 def run_child(args: argparse.Namespace, name: str, argv: list[str], port: int) -> dict[str, Any]:
     result = Path(tempfile.mkstemp(prefix=f"offload_step_{name}_", suffix=".json")[1])
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "LOCAL_RANK": "0",
@@ -317,8 +332,12 @@ def run_child(args: argparse.Namespace, name: str, argv: list[str], port: int) -
     print(f"--- {name} (log: {log})", flush=True)
     start = time.perf_counter()
     with open(log, "w") as logf:
+        group = memory_cgroup(name, args.memory_limit)
+        # The child joins the cgroup before it starts (preexec), so everything it allocates is capped.
+        join = (lambda: (group / "cgroup.procs").write_text(str(os.getpid()))) if group else None
         proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), *argv, "--child", name,
-                                 "--result", str(result)], env=env, stdout=logf, stderr=subprocess.STDOUT)
+                                 "--result", str(result)], env=env, stdout=logf, stderr=subprocess.STDOUT,
+                                preexec_fn=join)
         deadline = start + args.timeout
         ru = None
         while True:
@@ -335,6 +354,15 @@ def run_child(args: argparse.Namespace, name: str, argv: list[str], port: int) -
         out = json.loads(result.read_text() or "{}")
     except json.JSONDecodeError:
         out = {}
+    if group is not None:
+        out["cgroup_limit"] = args.memory_limit
+        out["cgroup_max_usage"] = int((group / "memory.max_usage_in_bytes").read_text())
+        out["cgroup_limit_hits"] = int((group / "memory.failcnt").read_text())
+        oom = (group / "memory.oom_control").read_text()
+        out["cgroup_oom_kills"] = int(oom.split("oom_kill ")[1].split()[0]) if "oom_kill " in oom else None
+        group.rmdir()
+        if out["cgroup_oom_kills"]:
+            out["status"], out["error"] = "oom", f"killed by the kernel at the {fmt_gib(args.memory_limit)} GiB memory limit"
     result.unlink(missing_ok=True)
     out.setdefault("contender", name)
     out.setdefault("status", "failed")
@@ -377,6 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--timeout", type=float, default=420, help="seconds per contender process")
     parser.add_argument("--out", default="bench_results/offload_step.json")
+    parser.add_argument("--memory-limit", type=lambda v: parse_bytes("--memory-limit", v), default=None,
+                        help="cap each contender's memory with a cgroup (v1; root), e.g. 16GiB: the same host "
+                             "memory for every contender (a contender killed at the cap is reported as oom)")
+    parser.add_argument("--same-batch", action="store_true",
+                        help="every step trains on the same batch (the loss must fall: a quick check that a large "
+                             "model really learns)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
