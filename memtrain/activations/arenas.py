@@ -20,7 +20,7 @@ def round_up(n: int, to: int = ALIGN) -> int:
     return -(-n // to) * to
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two arenas are never the same one
 class Arena:
     buffer: torch.Tensor  # uint8, 4096-aligned
     owner: Any = None

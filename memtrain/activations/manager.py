@@ -257,11 +257,28 @@ class ActivationManager:
 
         assert self.profile is not None
         self.profile.device = str(self._device)
+        self._agree_across_ranks(self.profile)
         self.plan = make_plan(self.profile, self.config, self._device or torch.device("cpu"), self._bandwidth_probe())
         self.set_policies(self.plan.policies)
         print(self.plan.table(), flush=True)
 
     _profile_done = False
+
+    @staticmethod
+    def _agree_across_ranks(profile: Profile) -> None:
+        """Every rank plans from the same numbers (the largest any rank measured), so all choose one plan."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            return
+        names = [f for f in vars(profile.blocks[0])]
+        values = torch.tensor([[float(getattr(b, f)) for f in names] for b in profile.blocks], dtype=torch.float64)
+        if dist.get_backend() == "nccl":
+            values = values.cuda()
+        dist.all_reduce(values, op=dist.ReduceOp.MAX)
+        for b, row in zip(profile.blocks, values.cpu().tolist()):
+            for f, v in zip(names, row):
+                setattr(b, f, type(getattr(b, f))(v))
 
     def _bandwidth_probe(self) -> Any:
         from memtrain.activations.planner import measure_bandwidth
