@@ -20,5 +20,8 @@ echo "== sharding benchmark on one GPU"
 timeout 240 python scripts/bench/sharding.py --device cuda --nproc 1 --steps 20 --warmup 5 \
     --contenders memtrain-zero0,memtrain-zero3,lightning-fsdp2 \
     --out "${OUT:-bench_results}/sharding_gpu.json" || status=1
+echo "== offload staging bandwidth (device <-> page-locked host) vs pageable copies"
+timeout 120 python scripts/bench/staging_bw.py --mib 256 --repeats 5 \
+    --out "${OUT:-bench_results}/staging_bw.json" || status=1
 echo "== gpu_check done, status $status"
 exit $status

@@ -66,3 +66,35 @@ def test_trainer_on_gpu_with_bf16() -> None:
     trainer.fit(module, DataLoader(step_dataset(3, BATCH_SIZE), batch_size=BATCH_SIZE))
     assert trainer.global_step == 3
     assert all(torch.isfinite(torch.tensor(module.losses)))
+
+
+def _offload_on_gpu(rank: int, world: int, offload: dict, steps: int) -> dict:
+    import torch.distributed as dist
+
+    from memtrain import Engine, MemTrainConfig
+
+    dist.destroy_process_group()
+    dist.init_process_group("nccl", init_method="tcp://127.0.0.1:29632", rank=rank, world_size=world)
+    torch.cuda.set_device(rank)
+    config = MemTrainConfig.from_dict({"sharding": {"stage": 3}, "offload": offload})
+    engine = Engine.create(config, world, world, "cuda")
+    # With parameter offload the shards stay on the host (FSDP2's CPU offload policy): build the model there.
+    model = tiny_gpt() if offload.get("params", "none") != "none" else tiny_gpt().cuda()
+    model = engine.prepare_model(model)
+    opt = engine.prepare_optimizer(make_optimizer(model), model)
+    for step in range(steps):
+        x, y = (t.cuda() for t in global_batch(step, BATCH_SIZE))
+        model.loss(x, y).backward()
+        opt.step()
+        opt.zero_grad()
+    out = {"params": {k: v.cpu() for k, v in full_params(model).items()}}
+    engine.offload.close()
+    return out
+
+
+@pytest.mark.parametrize("offload", [{"optimizer": "cpu"}, {"optimizer": "nvme"},
+                                     {"optimizer": "nvme", "params": "nvme"}])
+def test_offload_on_one_gpu_matches_plain_gpu_run(offload: dict, tmp_path) -> None:
+    want = _reference_on_gpu(3)
+    got = run_distributed(_offload_on_gpu, 1, {**offload, "nvme_path": str(tmp_path)}, 3)[0]
+    assert_close_params(got["params"], want)
