@@ -23,5 +23,10 @@ timeout 240 python scripts/bench/sharding.py --device cuda --nproc 1 --steps 20 
 echo "== offload staging bandwidth (device <-> page-locked host) vs pageable copies"
 timeout 120 python scripts/bench/staging_bw.py --mib 256 --repeats 5 \
     --out "${OUT:-bench_results}/staging_bw.json" || status=1
+echo "== activations on CUDA: side-stream swap bitwise, plan followed; then the benchmark (targets: auto at full"
+echo "   recompute's memory >= 15% faster than it; at <= 1.1x the step time of no policy, <= 1/3 of its memory)"
+timeout 150 python -m pytest -q -m cuda tests/test_activations_cuda.py || status=1
+timeout 200 python scripts/bench/activations.py --device cuda --bf16 --seq-lens 2048 8192 --layers 8 --embd 1024 \
+    --heads 16 --batch 2 --warmup 3 --steps 5 --threads 4 --out "${OUT:-bench_results}/activations_gpu.json" || status=1
 echo "== gpu_check done, status $status"
 exit $status
