@@ -3,11 +3,9 @@ run without offload, on 2 gloo processes; resume from a checkpoint; errors befor
 from __future__ import annotations
 
 import dataclasses
-import functools
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
 from tests.distributed import run_distributed
@@ -63,13 +61,6 @@ def _train(rank: int, world: int, stage: int, offload: dict[str, Any], steps: ra
     return out
 
 
-@functools.cache
-def _baseline(stage: int, steps: int, clip: float | None = None, accumulate: int = 1,
-              vocab: int = TINY.vocab_size) -> dict[str, Any]:
-    """The same run without offload (computed once per session)."""
-    return run_distributed(_train, 2, stage, {}, range(steps), clip, accumulate, None, None, vocab)[0]
-
-
 def _offload(tmp: Path, **kw: Any) -> dict[str, Any]:
     return {"tile_size": TILE, "nvme_path": str(tmp), **kw}
 
@@ -92,55 +83,72 @@ COMBOS = {
 }
 
 
-@pytest.mark.parametrize("combo", list(COMBOS))
-def test_stage3_offload_is_bitwise_equal_to_no_offload(combo: str, tmp_path: Path) -> None:
-    want = _baseline(3, STEPS)
-    combo_settings = COMBOS[combo]
-    for got in run_distributed(_train, 2, 3, _offload(tmp_path, **combo_settings), range(STEPS)):
-        _assert_same(got, want, exact=True)
-        # Telemetry counts each part on its tier.
-        params, state = got["memory"]["params"], got["memory"]["optimizer_state"]
-        if combo_settings.get("params") == "nvme":
-            assert params["nvme"] > 0 and params["host"] == 0
-        nvme_share = 0.0 if combo_settings["optimizer"] == "cpu" else 1 - combo_settings.get("optimizer_cpu_fraction", 0)
-        assert (state["nvme"] > 0) == (nvme_share > 0) and (state["host"] > 0) == (nvme_share < 1)
-        assert got["swap"] is None or not Path(got["swap"]).exists()  # removed at exit
-    assert not list(tmp_path.glob("memtrain-swap-*"))
+def _train_each(rank: int, world: int, stage: int, configs: list[dict[str, Any]], steps: int) -> list[dict[str, Any]]:
+    """Several runs in the same processes (one launch: spawning is what costs here)."""
+    return [_train(rank, world, stage, offload, range(steps)) for offload in configs]
+
+
+def test_stage3_offload_combinations_are_bitwise_equal_to_no_offload(tmp_path: Path) -> None:
+    names = list(COMBOS)
+    configs = [{}] + [_offload(tmp_path / name, **COMBOS[name]) for name in names]
+    for want, *runs in run_distributed(_train_each, 2, 3, configs, STEPS):
+        for name, got in zip(names, runs):
+            settings = COMBOS[name]
+            try:
+                _assert_same(got, want, exact=True)
+            except AssertionError as err:
+                raise AssertionError(f"offload combination {name}: {err}") from None
+            assert got["swap"] is None or not Path(got["swap"]).exists(), name  # removed at exit
+            # Telemetry counts each part on its tier.
+            params, state = got["memory"]["params"], got["memory"]["optimizer_state"]
+            if settings.get("params") == "nvme":
+                assert params["nvme"] > 0 and params["host"] == 0, (name, params)
+            nvme_share = 0.0 if settings["optimizer"] == "cpu" else 1 - settings.get("optimizer_cpu_fraction", 0)
+            assert (state["nvme"] > 0) == (nvme_share > 0) and (state["host"] > 0) == (nvme_share < 1), (name, state)
+    assert not list(tmp_path.glob("*/memtrain-swap-*"))
+
+
+def _runs(rank: int, world: int, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Several ``_train`` runs, one after the other, in the same processes (one launch)."""
+    out = []
+    for run in runs:
+        run = dict(run)
+        first, stop = run.pop("steps", (0, STEPS))
+        out.append(_train(rank, world, run.pop("stage", 3), run.pop("offload", {}), range(first, stop), **run))
+    return out
 
 
 def test_embedding_and_head_as_their_own_units(tmp_path: Path) -> None:
     """A vocabulary large enough that the embedding and head outweigh a block: with offload they become FSDP2
     groups of their own (the head's update overlaps backward), with the same results."""
-    want = _baseline(3, STEPS, vocab=1024)
     offload = _offload(tmp_path, optimizer="nvme", params="nvme")
-    for got in run_distributed(_train, 2, 3, offload, range(STEPS), None, 1, None, None, 1024):
+    for want, got in run_distributed(_runs, 2, [{"vocab": 1024}, {"vocab": 1024, "offload": offload}]):
         _assert_same(got, want, exact=True)
         assert got["units"] == ["<root>", "wte", "blocks.0", "blocks.1", "lm_head"]
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_optimizer_offload_at_stages_1_and_2(stage: int, tmp_path: Path) -> None:
-    want = _baseline(stage, STEPS)
-    for got in run_distributed(_train, 2, stage, _offload(tmp_path, optimizer="nvme"), range(STEPS)):
-        _assert_same(got, want, exact=True)
+def test_optimizer_offload_at_stages_1_and_2(tmp_path: Path) -> None:
+    offload = _offload(tmp_path, optimizer="nvme")
+    runs = [{"stage": 1}, {"stage": 1, "offload": offload}, {"stage": 2}, {"stage": 2, "offload": offload}]
+    for want1, got1, want2, got2 in run_distributed(_runs, 2, runs):
+        _assert_same(got1, want1, exact=True)
+        _assert_same(got2, want2, exact=True)
 
 
 def test_overlapped_update_waits_for_the_clipping_norm(tmp_path: Path) -> None:
     # A threshold below the gradient norm: clipping changes every step. The offloaded optimizer sums the norm as
     # blocks are reduced and updates after it; the reference clips with torch's clip_grad_norm_ (another
     # summation order, hence not bitwise).
-    want = _baseline(3, STEPS, 0.05)
-    unclipped = _baseline(3, STEPS)
     offload = _offload(tmp_path, optimizer="nvme", params="nvme")
-    for got in run_distributed(_train, 2, 3, offload, range(STEPS), 0.05):
+    runs = [{"clip": 0.05}, {}, {"clip": 0.05, "offload": offload}]
+    for want, unclipped, got in run_distributed(_runs, 2, runs):
         _assert_same(got, want, exact=False)
-    assert not torch.allclose(want["params"]["lm_head.weight"], unclipped["params"]["lm_head.weight"])
+        assert not torch.allclose(want["params"]["lm_head.weight"], unclipped["params"]["lm_head.weight"])
 
 
 def test_accumulation_with_overlap(tmp_path: Path) -> None:
-    want = _baseline(3, STEPS, None, 2)
-    for got in run_distributed(_train, 2, 3, _offload(tmp_path, optimizer="nvme", params="nvme"), range(STEPS),
-                               None, 2):
+    offload = _offload(tmp_path, optimizer="nvme", params="nvme")
+    for want, got in run_distributed(_runs, 2, [{"accumulate": 2}, {"accumulate": 2, "offload": offload}]):
         _assert_same(got, want, exact=True)
 
 
@@ -167,24 +175,24 @@ def test_reducing_gradients_twice_before_a_step_is_refused(tmp_path: Path) -> No
         assert "reduced twice before optimizer.step()" in message and "no_gradient_sync" in message
 
 
-@pytest.mark.parametrize("offload", [dict(optimizer="nvme", params="nvme"), dict(optimizer="nvme",
-                                                                                 optimizer_cpu_fraction=0.5)])
-def test_resume_with_nvme_offload_is_exact(offload: dict[str, Any], tmp_path: Path) -> None:
-    ckpt = tmp_path / "ckpt"
-    want = _baseline(3, 4)
-    run_distributed(_train, 2, 3, _offload(tmp_path, **offload), range(2), None, 1, None, str(ckpt))
-    for got in run_distributed(_train, 2, 3, _offload(tmp_path, **offload), range(2, 4), None, 1, str(ckpt)):
-        torch.testing.assert_close(got["losses"], want["losses"][2:], rtol=0, atol=0)
-        for name in want["params"]:
-            torch.testing.assert_close(got["params"][name], want["params"][name], rtol=0, atol=0)
-
-
-def test_offloaded_checkpoint_resumes_without_offload(tmp_path: Path) -> None:
-    """The checkpoint format does not depend on where the state lived."""
-    ckpt = tmp_path / "ckpt"
-    want = _baseline(3, 4)
-    run_distributed(_train, 2, 3, _offload(tmp_path, optimizer="nvme", params="nvme"), range(2), None, 1, None,
-                    str(ckpt))
-    for got in run_distributed(_train, 2, 3, {}, range(2, 4), None, 1, str(ckpt)):
-        for name in want["params"]:
-            torch.testing.assert_close(got["params"][name], want["params"][name], rtol=0, atol=0)
+def test_resume_with_nvme_offload_is_exact_and_checkpoints_move_between_tiers(tmp_path: Path) -> None:
+    """Save after 2 steps, resume for 2 more: bitwise equal to 4 uninterrupted steps, with the state on NVMe (and
+    half in host memory), and from an offloaded checkpoint into a run without offload."""
+    params_nvme = _offload(tmp_path, optimizer="nvme", params="nvme")
+    half = _offload(tmp_path, optimizer="nvme", optimizer_cpu_fraction=0.5)
+    a, b = str(tmp_path / "ckpt-a"), str(tmp_path / "ckpt-b")
+    runs = [
+        {"steps": (0, 4)},
+        {"steps": (0, 2), "offload": params_nvme, "save_to": a},
+        {"steps": (2, 4), "offload": params_nvme, "load_from": a},
+        {"steps": (0, 2), "offload": half, "save_to": b},
+        {"steps": (2, 4), "offload": half, "load_from": b},
+        {"steps": (2, 4), "load_from": a},  # the checkpoint format does not depend on where the state lived
+    ]
+    for want, _, resumed_a, _, resumed_b, plain in run_distributed(_runs, 2, runs):
+        for name, got in (("params+optimizer on NVMe", resumed_a), ("optimizer half on host", resumed_b),
+                          ("no offload, from the NVMe checkpoint", plain)):
+            torch.testing.assert_close(got["losses"], want["losses"][2:], rtol=0, atol=0, msg=name)
+            for param in want["params"]:
+                torch.testing.assert_close(got["params"][param], want["params"][param], rtol=0, atol=0,
+                                           msg=lambda m, n=f"{name}: {param}": f"{n}: {m}")
