@@ -260,7 +260,10 @@ class ActivationManager:
         self._agree_across_ranks(self.profile)
         self.plan = make_plan(self.profile, self.config, self._device or torch.device("cpu"), self._bandwidth_probe())
         self.set_policies(self.plan.policies)
-        print(self.plan.table(), flush=True)
+        import torch.distributed as dist
+
+        if not dist.is_initialized() or dist.get_rank() == 0:  # every rank has the same plan: print it once
+            print(self.plan.table(), flush=True)
 
     _profile_done = False
 
@@ -306,6 +309,8 @@ class ActivationManager:
     def _close_packet(self, packet: Packet) -> None:
         fill = packet.close()
         self.expected[packet.block] = max(self.expected[packet.block], fill)
+        assert self.transfers is not None
+        self.transfers.reap()  # finished copies let go of their sources, finished writes of their arenas
         if packet.live == 0:
             packet.release()
         else:

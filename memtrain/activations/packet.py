@@ -40,6 +40,7 @@ class Transfers:
         self.max_in_flight = max_in_flight
         self.in_flight: deque[tuple[Any, list[torch.Tensor], list[Any]]] = deque()  # (event, sources, keys)
         self.pending_writes: deque[Packet] = deque()
+        self.max_pending_writes = 2  # NVMe: blocks whose arenas are still being written; more waits for the oldest
         self.copy_seconds = 0.0
 
     def reap(self, block: bool = False) -> None:
@@ -101,7 +102,15 @@ class Packet:
         self.on_release = on_release
         self.released = False
         self.file = transfers.folder.file(f"activations-block{block}-{file_index}.bin") if transfers.tier == "nvme" else None
-        self.arena: Arena | None = transfers.pool.acquire(expected_bytes, ("block", block)) if expected_bytes else None
+        if self.file is not None:  # NVMe: a few staging arenas shared by all blocks, freed as their writes finish
+            transfers.reap()
+            while len(transfers.pending_writes) >= transfers.max_pending_writes:
+                transfers.pending_writes.popleft().finish_writes()
+        self.arena: Arena | None = transfers.pool.acquire(expected_bytes, self._owner()) if expected_bytes else None
+
+    def _owner(self) -> Any:
+        """CPU tier: each block keeps its own arena (it holds the bytes until backward); NVMe: any free arena."""
+        return "nvme" if self.file is not None else ("block", self.block)
 
     # -- forward ------------------------------------------------------------------------------------------
     def add(self, t: torch.Tensor) -> SavedRecord:
@@ -192,7 +201,7 @@ class Packet:
             if self in self.t.pending_writes:
                 self.t.pending_writes.remove(self)
         if self.file is not None and any(s.host is None for s in self.slots.values()):
-            self.arena = self.t.pool.acquire(self.fill, ("stage", self.block))
+            self.arena = self.t.pool.acquire(self.fill, self._owner())
             for slot in self.slots.values():
                 slot.padded = self.arena.buffer[slot.offset : slot.offset + round_up(slot.nbytes)]
                 slot.host = slot.padded[: slot.nbytes]
