@@ -349,3 +349,25 @@ def test_hydra_app_trains_with_activations_auto(tmp_path) -> None:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("memtrain activation plan: budget 0.10 MiB") == 1  # one plan, printed by rank 0
     assert "memtrain summary: 5 steps on 2 ranks" in proc.stdout
+
+
+@pytest.mark.parametrize("name", ["swap-cpu", "swap-nvme", "split"])
+def test_two_forwards_before_one_backward(name: str, tmp_path) -> None:
+    """Gradient accumulation style: both micro-batches' activations are out at once, each in its own arena/file."""
+    def grads(policy: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = GPT(CFG)
+        if policy is not None:
+            apply_activations(model, ActivationsConfig(**policy))
+        x, y = global_batch(0, BATCH, CFG)
+        losses = [model.loss(x[:2], y[:2]), model.loss(x[2:], y[2:])]
+        (losses[0] + losses[1]).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    want = grads(None)
+    got = grads(_policy(name, str(tmp_path)))
+    for n in want:
+        if name == "split":
+            torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(got[n], want[n]), n
