@@ -371,3 +371,11 @@ def test_two_forwards_before_one_backward(name: str, tmp_path) -> None:
             torch.testing.assert_close(got[n], want[n], rtol=1e-5, atol=1e-6)
         else:
             assert torch.equal(got[n], want[n]), n
+
+
+def test_split_without_a_fraction_chooses_one_per_block() -> None:
+    want = _train(None, False)
+    got = _train({"policy": "split"}, False)
+    final = got["policies"][-1]
+    assert all(p.startswith("split(") for p in final[:-1]) and final[-1] == "keep", final  # the last block kept
+    _check("split", got, want, False)

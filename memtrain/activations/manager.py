@@ -5,9 +5,10 @@ saved tensors go to the tier in forward and come back in backward), split (MEMO 
 In backward, the first time a block's saved tensor is needed (or its recompute starts), the swapped blocks
 below it are reloaded ahead of need (``prefetch_blocks`` of them, in reverse block order).
 
-With ``policy="auto"`` the first training forward is a profile: every block swaps (the least memory, and the
-hooks see every saved tensor), its compute time, saved bytes and token-parallel share are recorded; the next
-forward plans (``planner.py``) and runs the plan from then on.
+With ``policy="auto"`` (and "split" without a fraction) the first training forward warms up and the second is a
+profile: every block swaps (the least memory, and the hooks see every saved tensor), its compute time, saved
+bytes and token-parallel share are recorded; the next forward plans (``planner.py``) and runs the plan from then
+on.
 """
 from __future__ import annotations
 
@@ -137,7 +138,8 @@ class ActivationManager:
             self.folder = SwapDirectory(nvme_path, f"{job}-activations")
         self.profile: Profile | None = None
         self.plan: Any = None  # planner.Plan once planned
-        self._profiling = config.policy == "auto"
+        # auto, and split without a fraction, choose from a profiled step
+        self._profiling = config.policy == "auto" or (config.policy == "split" and config.swap_fraction is None)
         self._profile_started = False
         self._warmup_steps = 1
         self._scope: _Scope | None = None
@@ -151,10 +153,10 @@ class ActivationManager:
     # -- policies -----------------------------------------------------------------------------------------
     def _fixed_policies(self, config: ActivationsConfig) -> list[BlockPolicy]:
         n = len(self.blocks)
-        kind = config.policy if config.policy in KINDS else "swap"  # auto: the profile swaps everything
-        policies = [BlockPolicy(kind, config.swap_fraction if kind == "split" else None) for _ in range(n)]
+        kind = config.policy if config.policy in KINDS else "swap"
         if kind == "split" and config.swap_fraction is None:
-            policies = [BlockPolicy("split", 0.5) for _ in range(n)]
+            kind = "swap"  # the profiled step swaps everything (it sees every saved tensor), then fractions are chosen
+        policies = [BlockPolicy(kind, config.swap_fraction if kind == "split" else None) for _ in range(n)]
         if config.policy in ("swap", "split"):
             for i in range(max(0, n - config.keep_last_blocks), n):
                 policies[i] = BlockPolicy("keep")
@@ -253,12 +255,13 @@ class ActivationManager:
             return
         self._profile_done = True
         self._profiling = False
-        from memtrain.activations.planner import make_plan
+        from memtrain.activations.planner import choose_split_fractions, make_plan
 
         assert self.profile is not None
         self.profile.device = str(self._device)
         self._agree_across_ranks(self.profile)
-        self.plan = make_plan(self.profile, self.config, self._device or torch.device("cpu"), self._bandwidth_probe())
+        plan = make_plan if self.config.policy == "auto" else choose_split_fractions
+        self.plan = plan(self.profile, self.config, self._device or torch.device("cpu"), self._bandwidth_probe())
         self.set_policies(self.plan.policies)
         import torch.distributed as dist
 

@@ -249,3 +249,28 @@ def predict_peak(profile: Profile, policies: list[BlockPolicy], prefetch_blocks:
         opts = block_options(profile.blocks, j, bw, False, policy.fraction if policy.kind == "split" else None)
         options.append(next(o for o in opts if o.policy.kind == policy.kind))
     return int(simulate_peak(options, prefetch_blocks))
+
+
+def choose_split_fractions(profile: Profile, config: ActivationsConfig, device: torch.device,
+                           probe: Callable[[int], tuple[float, float]]) -> Plan:
+    """policy="split" without a fraction: per block, the split whose predicted extra time is least. With copies
+    that overlap compute (CUDA), that is MEMO's choice: the most tokens whose transfer still hides behind the
+    neighbouring blocks' compute; the rest is recomputed. The last ``keep_last_blocks`` blocks are kept."""
+    blocks = profile.blocks
+    bw = probe(max(max((b.saved_bytes for b in blocks), default=0), 1 << 20))
+    overlap = device.type == "cuda"
+    chosen = []
+    for j in range(len(blocks)):
+        opts = block_options(blocks, j, bw, overlap)
+        if j >= len(blocks) - config.keep_last_blocks:
+            chosen.append(opts[0])
+            continue
+        splits = [o for o in opts if o.policy.kind == "split"] or [opts[2]]  # no token-parallel children: swap
+        chosen.append(min(splits, key=lambda o: (o.extra_s, -(o.policy.fraction or 0.0))))
+    peak = int(simulate_peak(chosen, config.prefetch_blocks))
+    base = sum(max(b.forward_s - b.move_s, 0.0) * 3 for b in blocks)
+    rows = [{"block": j, "policy": str(o.policy), "kept": int(o.resident), "moved": int(o.reload),
+             "forward_s": max(b.forward_s - b.move_s, 0.0), "extra_s": o.extra_s}
+            for j, (o, b) in enumerate(zip(chosen, blocks))]
+    return Plan([o.policy for o in chosen], chosen, profile, peak, peak, base + sum(o.extra_s for o in chosen), bw,
+                rows)
