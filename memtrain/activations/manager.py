@@ -141,6 +141,7 @@ class ActivationManager:
         # auto, and split without a fraction, choose from a profiled step
         self._profiling = config.policy == "auto" or (config.policy == "split" and config.swap_fraction is None)
         self._profile_started = False
+        self._profile_done = False
         self._warmup_steps = 1
         self._scope: _Scope | None = None
         self._device: torch.device | None = None
@@ -267,8 +268,6 @@ class ActivationManager:
 
         if not dist.is_initialized() or dist.get_rank() == 0:  # every rank has the same plan: print it once
             print(self.plan.table(), flush=True)
-
-    _profile_done = False
 
     @staticmethod
     def _agree_across_ranks(profile: Profile) -> None:
