@@ -335,6 +335,9 @@ class ActivationManager:
         out: dict[str, Any] = dict(self.accounting.as_flat_dict())
         pool = self.transfers.pool if self.transfers is not None else None
         out["activations/host_arena_bytes"] = pool.total_bytes if pool is not None else 0
+        # Bytes of blocks' activations swapped out and not yet reloaded, on the configured tier.
+        out[f"activations/on_{self.config.tier}"] = sum(p.fill for packets in self.packets for p in packets
+                                                        if p.state == "out")
         if self.plan is not None:
             out["activations/predicted_peak"] = self.plan.predicted_peak
             out["activations/predicted_step_s"] = self.plan.predicted_time_s
