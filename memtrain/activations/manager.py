@@ -193,6 +193,8 @@ class ActivationManager:
             if profile is not None:
                 _sync(self._device)
                 profile.forward_s += time.perf_counter() - start
+            if policy.kind in ("keep", "recompute") and self.transfers is not None and self.transfers.in_flight:
+                self.transfers.release_sources()  # the block before's copies overlapped this forward; done now
             return out
 
         block.forward = forward  # instance attribute: FSDP2's hooks still run around it
@@ -312,7 +314,7 @@ class ActivationManager:
         fill = packet.close()
         self.expected[packet.block] = max(self.expected[packet.block], fill)
         assert self.transfers is not None
-        self.transfers.reap()  # finished copies let go of their sources, finished writes of their arenas
+        self.transfers.reap()  # finished NVMe writes give their arenas back
         if packet.live == 0:
             packet.release()
         else:
@@ -324,6 +326,8 @@ class ActivationManager:
 
     def _backward_reaches(self, index: int) -> None:
         """Backward needs block ``index`` now: start reloading the swapped blocks below it."""
+        if self.transfers is not None and self.transfers.in_flight:
+            self.transfers.release_sources()
         for below in range(index - 1, max(-1, index - 1 - self.config.prefetch_blocks), -1):
             for packet in reversed(self.packets[below]):
                 if packet.state == "out" and packet.closed:

@@ -28,7 +28,7 @@ class Transfers:
     """What every packet shares: the tier, the host arenas, the side stream, the swap files, the accounting."""
 
     def __init__(self, tier: str, device: torch.device, accounting: SavedTensorAccounting, pool: ArenaPool,
-                 engine: Any = None, folder: Any = None, max_in_flight: int = 8) -> None:
+                 engine: Any = None, folder: Any = None, max_in_flight: int = 1) -> None:
         self.tier = tier
         self.device = device
         self.cuda = device.type == "cuda"
@@ -37,19 +37,26 @@ class Transfers:
         self.engine = engine
         self.folder = folder
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        # Blocks whose device-to-host copies may still run: the previous block's copies overlap this block's
+        # forward; closing a block waits for the ones before (its sources stay allocated until then).
         self.max_in_flight = max_in_flight
         self.in_flight: deque[tuple[Any, list[torch.Tensor], list[Any]]] = deque()  # (event, sources, keys)
         self.pending_writes: deque[Packet] = deque()
         self.max_pending_writes = 2  # NVMe: blocks whose arenas are still being written; more waits for the oldest
         self.copy_seconds = 0.0
 
-    def reap(self, block: bool = False) -> None:
-        """Drop the sources of finished device-to-host copies (all of them when ``block``)."""
-        while self.in_flight and (block or self.in_flight[0][0].query()):
+    def release_sources(self) -> None:
+        """Wait for the device-to-host copies in flight, then let their source storages go."""
+        while self.in_flight:
             event, _sources, keys = self.in_flight.popleft()
             event.synchronize()
             for key in keys:
                 self.accounting.release(key)
+
+    def reap(self, block: bool = False) -> None:
+        """Give back the arenas of finished NVMe writes (wait for all of them, and for the copies, if ``block``)."""
+        if block:
+            self.release_sources()
         while self.pending_writes and (block or self.pending_writes[0].writes_done()):
             self.pending_writes.popleft().finish_writes()
 

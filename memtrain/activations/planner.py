@@ -110,13 +110,15 @@ def block_options(profiles: list[BlockProfile], j: int, bw: tuple[float, float],
     return opts
 
 
-def simulate_peak(options: list[Option], prefetch_blocks: int) -> float:
-    """The most bytes held at once, in the order the accounting holds and releases them."""
+def simulate_peak(options: list[Option], prefetch_blocks: int, overlap: bool = False) -> float:
+    """The most bytes held at once, in the order the accounting holds and releases them. ``overlap`` (CUDA): a
+    block's device-to-host copies run during the next block's forward, so its sources are held until then."""
     held, peak = 0.0, 0.0
-    for o in options:
-        peak = max(peak, held + o.working)
+    for j, o in enumerate(options):
+        in_flight = options[j - 1].reload if overlap and j > 0 else 0.0
+        peak = max(peak, held + o.working + in_flight)
         held += o.resident
-    peak = max(peak, held)
+    peak = max(peak, held + (options[-1].reload if overlap and options else 0.0))
     loaded: dict[int, float] = {}
     for j in range(len(options) - 1, -1, -1):
         loaded.setdefault(j, options[j].reload)
@@ -128,9 +130,10 @@ def simulate_peak(options: list[Option], prefetch_blocks: int) -> float:
     return peak
 
 
-def _search(choices: list[list[Option]], budget: float, prefetch: int, time_matters: bool) -> list[Option]:
+def _search(choices: list[list[Option]], budget: float, prefetch: int, time_matters: bool, overlap: bool
+            ) -> list[Option]:
     current = [c[0] for c in choices]  # keep everything
-    peak = simulate_peak(current, prefetch)
+    peak = simulate_peak(current, prefetch, overlap)
     while peak > budget:
         best, best_score, best_peak = None, 0.0, peak
         for j, opts in enumerate(choices):
@@ -138,7 +141,7 @@ def _search(choices: list[list[Option]], budget: float, prefetch: int, time_matt
                 if o is current[j]:
                     continue
                 trial = current[:j] + [o] + current[j + 1 :]
-                new_peak = simulate_peak(trial, prefetch)
+                new_peak = simulate_peak(trial, prefetch, overlap)
                 gain = peak - new_peak
                 if gain <= 0:
                     continue
@@ -159,7 +162,7 @@ def _search(choices: list[list[Option]], budget: float, prefetch: int, time_matt
                     if o.extra_s >= current[j].extra_s:
                         break
                     trial = current[:j] + [o] + current[j + 1 :]
-                    if simulate_peak(trial, prefetch) <= budget:
+                    if simulate_peak(trial, prefetch, overlap) <= budget:
                         current, improved = trial, True
                         break
     return current
@@ -173,18 +176,18 @@ def make_plan(profile: Profile, config: ActivationsConfig, device: torch.device,
     overlap = device.type == "cuda"
     choices = [block_options(blocks, j, bw, overlap) for j in range(len(blocks))]
     budget = int(config.memory_budget or 0)
-    chosen = _search(choices, budget, config.prefetch_blocks, time_matters=True)
-    peak = simulate_peak(chosen, config.prefetch_blocks)
+    chosen = _search(choices, budget, config.prefetch_blocks, True, overlap)
+    peak = simulate_peak(chosen, config.prefetch_blocks, overlap)
     if peak > budget:
         candidates = [
-            _search(choices, 0, config.prefetch_blocks, time_matters=False),
+            _search(choices, 0, config.prefetch_blocks, False, overlap),
             [c[2] for c in choices],  # swap everything
             [c[1] for c in choices],  # recompute everything
         ]
-        smallest = min(simulate_peak(c, config.prefetch_blocks) for c in candidates)
+        smallest = min(simulate_peak(c, config.prefetch_blocks, overlap) for c in candidates)
         for c in candidates:
-            if simulate_peak(c, config.prefetch_blocks) <= budget:
-                chosen, peak = c, simulate_peak(c, config.prefetch_blocks)
+            if simulate_peak(c, config.prefetch_blocks, overlap) <= budget:
+                chosen, peak = c, simulate_peak(c, config.prefetch_blocks, overlap)
                 break
         else:
             raise ConfigError(
@@ -241,14 +244,14 @@ def measure_bandwidth(tier: str, device: torch.device, nbytes: int, folder: Any 
     return n / out_s, n / in_s
 
 
-def predict_peak(profile: Profile, policies: list[BlockPolicy], prefetch_blocks: int) -> int:
+def predict_peak(profile: Profile, policies: list[BlockPolicy], prefetch_blocks: int, overlap: bool = False) -> int:
     """The peak the cost model predicts for given per-block policies (what a plan's test checks against)."""
     bw = (1e9, 1e9)  # the peak does not depend on bandwidth
     options = []
     for j, policy in enumerate(policies):
         opts = block_options(profile.blocks, j, bw, False, policy.fraction if policy.kind == "split" else None)
         options.append(next(o for o in opts if o.policy.kind == policy.kind))
-    return int(simulate_peak(options, prefetch_blocks))
+    return int(simulate_peak(options, prefetch_blocks, overlap))
 
 
 def choose_split_fractions(profile: Profile, config: ActivationsConfig, device: torch.device,
@@ -267,7 +270,7 @@ def choose_split_fractions(profile: Profile, config: ActivationsConfig, device: 
             continue
         splits = [o for o in opts if o.policy.kind == "split"] or [opts[2]]  # no token-parallel children: swap
         chosen.append(min(splits, key=lambda o: (o.extra_s, -(o.policy.fraction or 0.0))))
-    peak = int(simulate_peak(chosen, config.prefetch_blocks))
+    peak = int(simulate_peak(chosen, config.prefetch_blocks, overlap))
     base = sum(max(b.forward_s - b.move_s, 0.0) * 3 for b in blocks)
     rows = [{"block": j, "policy": str(o.policy), "kept": int(o.resident), "moved": int(o.reload),
              "forward_s": max(b.forward_s - b.move_s, 0.0), "extra_s": o.extra_s}
