@@ -78,8 +78,8 @@ def telemetry_callback_class(namespace: str) -> type:
                     figures[f"swap_{key}"] = float(stats[key])
             activations = getattr(getattr(trainer.strategy, "_engine", None), "activations", None)
             if activations is not None:  # saved-activation bytes on the device now / at the peak, moved per tier
-                figures.update({k.replace("/", "_") + "_bytes": float(v) for k, v in activations.metrics().items()
-                                if not k.endswith("_s")})
+                figures.update({k.replace("/", "_").removesuffix("_bytes") + "_bytes": float(v)
+                                for k, v in activations.metrics().items() if not k.endswith("_s")})
             self.summary = figures
             return figures
 
