@@ -210,12 +210,16 @@ def main() -> None:
                   f"{r['step_s'] * 1e3:9.1f} {r['step_s'] / b['step_s']:8.2f} {r['step_s'] / c['step_s']:13.2f}  "
                   f"{' '.join(r.get('policies', []))}")
         print()
+        write(args, results)  # after every sequence length: a run cut short keeps what it measured
+    print(f"wrote {args.out}")
+
+
+def write(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({
         "command": " ".join(sys.argv), "settings": vars(args), "machine": platform.platform(),
         "torch": torch.__version__, "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "results": results}, indent=2))
-    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
