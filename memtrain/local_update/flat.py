@@ -28,6 +28,7 @@ class FlatParams:
         self.numel = sum(sizes)
         self.tensor_numels = [p.numel() for p in self.params]  # whole tensors (a DTensor's global size)
         self.device = self.locals[0].device
+        self.all_fp32 = all(t.dtype == torch.float32 for t in self.locals)
 
     @property
     def segments(self) -> list[tuple[int, int]]:

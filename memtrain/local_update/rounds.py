@@ -98,7 +98,8 @@ class LocalUpdate:
             anchor = self._apply_to_anchor(previous) if previous is not None else self.outer.anchor.to(x.device)
             x = anchor.sub(g)
         self.flat.write(x)
-        self.base = x
+        # Parameters stored in a lower precision round on write: measure the next round from what they hold.
+        self.base = x if self.flat.all_fp32 else self.flat.read()
 
     def _take_finished(self) -> torch.Tensor | None:
         if self._ready is not None:
@@ -117,7 +118,7 @@ class LocalUpdate:
         x = anchor.sub(self.mean(self.base.sub(self.flat.read())))
         self.outer.anchor.copy_(x)
         self.flat.write(x)
-        self.base = x
+        self.base = x if self.flat.all_fp32 else self.flat.read()
 
     def metrics(self) -> dict[str, float]:
         """Outer steps so far and, for the newest finished asynchronous round, its all-reduce time and how
