@@ -322,3 +322,17 @@ def test_registered_co2_names() -> None:
         cfg = strategy.memtrain_config
         assert (cfg.sharding.stage, cfg.sharding.hybrid, cfg.local_update.tau) == (stage, hybrid, 12)
         assert cfg.local_update.asynchronous and cfg.local_update.staleness_penalty
+
+
+def _compressed(rank: int, world: int) -> dict[str, Any]:
+    return {c: engine_run(rank, world, {"stage": 0}, {**CO2, "compression": c, "compression_block": 64}, range(9))["params"]
+            for c in ("bfloat16", "int8")}
+
+
+def test_compressed_rounds_stay_close_to_fp32() -> None:
+    """bf16 and int8 (per-block scales) on the wire: close to the fp32 golden values, not equal to them."""
+    want = simulate(2, 9, BATCH, CO2)
+    for rank, got in enumerate(run_distributed(_compressed, 2)):
+        for compression, params in got.items():
+            worst = max((params[n] - want[rank][n]).abs().max().item() for n in params)
+            assert 0 < worst < 2e-3, (compression, worst)
