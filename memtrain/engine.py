@@ -124,6 +124,11 @@ class Engine:
             self.local_update = apply_local_update(model, optimizer, self.config.local_update, self.mesh)
         return optimizer
 
+    def close(self) -> None:
+        """Stop background work (the local-update reduction thread); call before destroying the process group."""
+        if self.local_update is not None:
+            self.local_update.close()
+
     # -- stepping -----------------------------------------------------------------------------------------
     @contextmanager
     def no_gradient_sync(self, model: nn.Module) -> Iterator[None]:

@@ -152,6 +152,7 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
     if rank == 0:
         print("memtrain summary: " + json.dumps(summary), flush=True)
     if engine is not None:
+        engine.close()  # a local-update round may still be reducing on its thread
         dist.destroy_process_group()
     return summary
 

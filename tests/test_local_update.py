@@ -45,7 +45,7 @@ def engine_run(rank: int, world: int, sharding: dict[str, Any], lu: dict[str, An
         out["outer_steps"] = engine.local_update.outer_steps
         if engine.local_update.background is not None:
             out["rounds"] = [vars(t) for t in engine.local_update.background.history]
-        engine.local_update.close()
+    engine.close()  # before the harness destroys the process group: a round may still be reducing
     return out
 
 

@@ -49,6 +49,8 @@ class BackgroundReduce:
         return self.timing is not None
 
     def launch(self, snapshot: torch.Tensor) -> None:
+        if not self._thread.is_alive():
+            raise RuntimeError("the local-update reduction thread was closed")
         if self.in_flight:
             raise RuntimeError("a reduction is already in flight: wait() for it first")
         ready = None
@@ -77,7 +79,10 @@ class BackgroundReduce:
         return result
 
     def close(self) -> None:
-        self._jobs.put(None)
+        """Stop the thread once its current job (if any) is done; the caller waits for results first."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
 
     def _run(self) -> None:
         while True:

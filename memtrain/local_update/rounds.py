@@ -131,7 +131,12 @@ class LocalUpdate:
         return out
 
     def close(self) -> None:
+        """Finish the round in flight (kept for ``synchronize`` / a checkpoint) and stop the background thread.
+        Call it before destroying the process group: a collective still running on the thread would abort the
+        process. No boundary may follow."""
         if self.background is not None:
+            if self.background.in_flight:
+                self._ready = self.background.wait()
             self.background.close()
 
     # -- checkpoint: per-rank state (replicas differ, so DCP's de-duplicated model/optimizer are not enough) --
