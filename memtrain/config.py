@@ -344,6 +344,10 @@ class MemTrainConfig:
         if self.offload.params != "none" and self.sharding.stage != 3:
             raise _err("offload.params", self.offload.params, "parameter offload needs sharding.stage=3 (at stages "
                        "0-2 every rank keeps the gathered parameters from forward to backward)")
+        if self.local_update.enabled and self.offload.enabled:
+            raise _err("local_update.tau", self.local_update.tau, "local updates with an offloaded optimizer are not "
+                       "supported yet (each replica's own offloaded optimizer state is not checkpointed): set "
+                       "offload.optimizer='none' or local_update.tau=null")
 
     @classmethod
     def section_names(cls) -> tuple[str, ...]:

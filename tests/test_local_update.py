@@ -249,12 +249,15 @@ def test_resume_with_a_round_in_flight_is_bitwise_equal(tmp_path: Path, world: i
     ({"tau": 2, "asynchronous": False, "staleness_penalty": True}, "there is no staleness"),
     ({"outer_lr": 0.7}, "local updates are off (local_update.tau=null)"),
     ({"tau": 2, "outer": 1}, "unknown key(s) ['local_update.outer']"),
+    ({"tau": 2, "offload": True}, "local updates with an offloaded optimizer are not supported yet"),
 ])
 def test_bad_local_update_settings_name_the_key(data: dict, message: str) -> None:
     from memtrain import ConfigError, MemTrainConfig
 
+    data = dict(data)
+    other = {"sharding": {"stage": 2}, "offload": {"optimizer": "cpu"}} if data.pop("offload", False) else {}
     with pytest.raises(ConfigError) as err:
-        MemTrainConfig.from_dict({"local_update": data})
+        MemTrainConfig.from_dict({"local_update": data, **other})
     assert message in str(err.value)
 
 
