@@ -379,3 +379,25 @@ def test_split_without_a_fraction_chooses_one_per_block() -> None:
     final = got["policies"][-1]
     assert all(p.startswith("split(") for p in final[:-1]) and final[-1] == "keep", final  # the last block kept
     _check("split", got, want, False)
+
+
+def _lightning_fits(rank: int, world: int) -> dict[str, Any]:
+    from tests.lightning_run import fit
+
+    kw = dict(steps=3, global_batch_size=8)
+    return {name: fit(rank, world, strategy={"zero_stage": 3, **extra}, **kw) for name, extra in (
+        ("none", {}), ("swap", {"activations": "swap"}), ("recompute", {"activations": {"policy": "recompute"}}),
+        ("split", {"activations": {"policy": "split", "swap_fraction": 0.5}}))}
+
+
+def test_lightning_strategy_shortcuts_train_like_no_policy() -> None:
+    """MemTrainStrategy(activations=...) through the Trainer, ZeRO-3 on 2 processes."""
+    for got in run_distributed(_lightning_fits, 2):
+        want = got["none"]
+        for name in ("swap", "recompute"):
+            assert got[name]["losses"] == want["losses"], name
+            for p in want["params"]:
+                assert torch.equal(got[name]["params"][p], want["params"][p]), (name, p)
+        torch.testing.assert_close(got["split"]["losses"], want["losses"], rtol=1e-5, atol=0)
+        for p in want["params"]:
+            torch.testing.assert_close(got["split"]["params"][p], want["params"][p], rtol=1e-4, atol=1e-5)
