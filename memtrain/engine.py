@@ -128,6 +128,8 @@ class Engine:
         """Stop background work (the local-update reduction thread); call before destroying the process group."""
         if self.local_update is not None:
             self.local_update.close()
+        if self.activations is not None:  # copies and NVMe writes still in flight, then the swap folder
+            self.activations.close()
 
     # -- stepping -----------------------------------------------------------------------------------------
     @contextmanager
