@@ -15,7 +15,6 @@ the norm of all gradients: backward then only sums each block's squared gradient
 from __future__ import annotations
 
 import math
-import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -92,7 +91,6 @@ class OffloadedAdam:
         self._pending: list[Future] = []
         self._stepped_in_backward: set[int] = set()
         self._sq_norms: dict[int, torch.Tensor] = {}
-        self._lock = threading.Lock()
         self._staging: DeviceStaging | None = None  # made on the first update of parameters on a GPU
         zero1 = zero1_state(optimizer)
         if zero1 is not None:  # ZeRO-1 sets this rank's shards and their gradients up, we step them, it gathers
