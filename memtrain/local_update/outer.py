@@ -6,7 +6,10 @@ Notation (one replica group; all flat fp32 vectors, identical on every replica b
            local progress over one round of tau steps (CO2 / SlowMo: x_{t,0} - mean_i x^{(i)}_{t,tau})
   m        the outer momentum;  s  the previous outer step (A after it minus A before it)
 
-One outer step (CO2, Sun et al. 2024, arXiv 2401.16265, Section 3 and Algorithm 1; SlowMo, Wang et al. 2020):
+One outer step (CO2, Sun et al. 2024, arXiv 2401.16265; SlowMo, Wang et al. 2020). We could not reach the CO2
+paper's body, so no equation numbers are cited: the step follows its abstract and the reference implementation
+(fairscale-CO2 ``co2.py``: momentum from the pseudo-gradient divided by the gap penalty, element-wise clamp of
+the momentum, anchor minus outer lr times momentum), with the reference's defects fixed (see below):
   d  = g_bar / Lambda                         staleness gap penalty (asynchronous mode only), see below
   m  = beta * m + d                           outer momentum
   m  = clamp(m, -phi, phi)                    outer momentum clipping, element-wise, *in place*
@@ -16,8 +19,7 @@ With alpha = 1 and beta = 0 the step is plain periodic averaging (local SGD): A 
 
 Staleness gap penalty. In asynchronous mode g_bar was measured around the anchor *before* the previous outer
 step but is applied *after* it: the model has moved by s in between. CO2 penalises the stale update by that
-gap (after Gap-Aware, Barkai et al. 2020). We could not reach the paper's body to check its equation, so this
-is our reading, stated exactly: element-wise, with the gap measured in units of the update it scales,
+gap (after Gap-Aware, Barkai et al. 2020). Our reading, stated exactly: element-wise, with the gap measured in units of the update it scales,
     Lambda = 1 + |s| / (rms(g_bar over the tensor) + eps)        (per parameter tensor, i.e. layer-wise)
 (the rms is over the whole tensor, also when this rank holds a shard of it: one small all-reduce over the
 shard group, so the penalty is the same at every ZeRO stage)
