@@ -108,7 +108,8 @@ class OffloadConfig:
         ``prefetch_blocks`` blocks ahead of use in forward and backward and released after. Needs
         ``optimizer`` offloaded too (a parameter is only resident for its block's compute and update).
     optimizer_cpu_fraction: with optimizer="nvme", the share of the optimizer state kept in host memory
-        (the first blocks' tiles); the rest is on NVMe.
+        (the first blocks' tiles); the rest is on NVMe. "auto": as much as ``host_memory_budget`` leaves after
+        the swap buffers.
     host_memory_budget: the most host memory memtrain's own offload buffers and host-resident state may
         take (bytes or '8GiB'); None: no limit. Checked before training; never exceeded.
     overlap_backward: step each block's tiles as soon as its gradient shard is reduced, during the rest of
@@ -119,7 +120,7 @@ class OffloadConfig:
     optimizer: str = "none"
     params: str = "none"
     nvme_path: str | None = None
-    optimizer_cpu_fraction: float = 0.0
+    optimizer_cpu_fraction: float | str = 0.0
     host_memory_budget: int | str | None = None
     overlap_backward: bool = True
     prefetch_blocks: int = 1
@@ -140,8 +141,12 @@ class OffloadConfig:
             raise ConfigError("offload.nvme_path is required when offloading to 'nvme': give a folder on the NVMe "
                               "drive (the swap files of each run go into their own folder under it)")
         fraction = self.optimizer_cpu_fraction
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
-            raise _err("offload.optimizer_cpu_fraction", fraction, "use a number between 0 and 1")
+        if fraction == "auto":
+            if self.host_memory_budget is None:
+                raise _err("offload.optimizer_cpu_fraction", fraction, "'auto' fills offload.host_memory_budget: "
+                           "set the budget, or give a number between 0 and 1")
+        elif isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction <= 1.0:
+            raise _err("offload.optimizer_cpu_fraction", fraction, "use a number between 0 and 1, or 'auto'")
         if fraction and self.optimizer != "nvme":
             raise _err("offload.optimizer_cpu_fraction", fraction, "only meaningful with offload.optimizer='nvme'")
         if self.host_memory_budget is not None:

@@ -77,6 +77,8 @@ COMBOS = {
     "opt-nvme": dict(optimizer="nvme", overlap_backward=False),
     "opt-nvme-overlap": dict(optimizer="nvme"),
     "opt-half-cpu-half-nvme": dict(optimizer="nvme", optimizer_cpu_fraction=0.5),
+    # The budget left after the swap buffers holds part of the state: both tiers in use.
+    "opt-auto-fraction": dict(optimizer="nvme", optimizer_cpu_fraction="auto", host_memory_budget=100 * 1024),
     "params-nvme-opt-nvme": dict(optimizer="nvme", params="nvme", overlap_backward=False),
     "params-nvme-opt-nvme-overlap": dict(optimizer="nvme", params="nvme", prefetch_blocks=2),
     "params-nvme-opt-cpu-overlap": dict(optimizer="cpu", params="nvme", prefetch_blocks=0),
@@ -103,7 +105,8 @@ def test_stage3_offload_combinations_are_bitwise_equal_to_no_offload(tmp_path: P
             params, state = got["memory"]["params"], got["memory"]["optimizer_state"]
             if settings.get("params") == "nvme":
                 assert params["nvme"] > 0 and params["host"] == 0, (name, params)
-            nvme_share = 0.0 if settings["optimizer"] == "cpu" else 1 - settings.get("optimizer_cpu_fraction", 0)
+            fraction = settings.get("optimizer_cpu_fraction", 0)
+            nvme_share = 0.0 if settings["optimizer"] == "cpu" else 0.5 if fraction == "auto" else 1 - fraction
             assert (state["nvme"] > 0) == (nvme_share > 0) and (state["host"] > 0) == (nvme_share < 1), (name, state)
     assert not list(tmp_path.glob("*/memtrain-swap-*"))
 

@@ -87,7 +87,8 @@ def apply_param_offload(model: nn.Module, config: OffloadConfig, resources: Offl
         raise ConfigError("offload.params='nvme' needs sharding.stage=3 (FSDP2 parameter groups to swap)")
     param_bytes = sum(_round_up(p._sharded_param_data.nbytes, 4096) for _, g in groups for p in g.fsdp_params)
     numel = sum(_local_numel(p) for p in model.parameters())
-    opt_nvme = 2 * numel * FLOAT_BYTES * (1 - config.optimizer_cpu_fraction) if config.optimizer == "nvme" else 0
+    cpu_share = config.optimizer_cpu_fraction if isinstance(config.optimizer_cpu_fraction, float) else 0.0
+    opt_nvme = 2 * numel * FLOAT_BYTES * (1 - cpu_share) if config.optimizer == "nvme" else 0
     directory, engine = resources.swap(int(param_bytes + opt_nvme))
     max_unit = max(sum(_round_up(p._sharded_param_data.nbytes, 64) for p in g.fsdp_params) for _, g in groups)
     keep = config.overlap_backward
@@ -152,6 +153,16 @@ def _units(model: nn.Module, optimizer: torch.optim.Optimizer, tile_elems: int) 
     return units
 
 
+def _fraction_filling_budget(numels: list[int], config: OffloadConfig, resources: OffloadResources) -> float:
+    """The share of the optimizer state that fits in what the budget leaves after every buffer (swap buffers
+    included): each byte kept in host memory saves two bytes of NVMe traffic per step (a read and a write)."""
+    assert config.host_memory_budget is not None
+    state = sum(2 * _round_up(n) * FLOAT_BYTES for n in numels)
+    buffers = StateStore.pool_bytes(2, plan_tiers(numels, 0.0), config.tile_size)
+    left = config.host_memory_budget - sum(resources.host_bytes.values()) - buffers
+    return min(1.0, max(0.0, left / state)) if state else 0.0
+
+
 def apply_optimizer_offload(model: nn.Module, optimizer: torch.optim.Optimizer, config: OffloadConfig,
                             resources: OffloadResources, dp_group: dist.ProcessGroup | None,
                             max_grad_norm: float | None = None) -> OffloadedAdam:
@@ -160,6 +171,8 @@ def apply_optimizer_offload(model: nn.Module, optimizer: torch.optim.Optimizer, 
     units = _units(model, optimizer, tile_elems)
     numels = [u.numel for u in units]
     cpu_fraction = 1.0 if config.optimizer == "cpu" else config.optimizer_cpu_fraction
+    if cpu_fraction == "auto":
+        cpu_fraction = _fraction_filling_budget(numels, config, resources)
     # Size the host part exactly as the store will lay it out, and charge it before allocating anything.
     ranges = plan_tiers(numels, cpu_fraction)
     host_state = sum(2 * _round_up(r.numel) * FLOAT_BYTES for r in ranges if r.tier == "cpu")
