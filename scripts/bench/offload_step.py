@@ -166,6 +166,10 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.exists() else 0
 
 
+def _fraction(value: str) -> float | str:
+    return value if value == "auto" else float(value)
+
+
 def run_memtrain(args: argparse.Namespace, out: dict[str, Any], offload: bool, folder: Path) -> None:
     import torch
 
@@ -175,7 +179,8 @@ def run_memtrain(args: argparse.Namespace, out: dict[str, Any], offload: bool, f
     cfg: dict[str, Any] = {"sharding": {"stage": 3}}
     if offload:
         cfg["offload"] = {"optimizer": "nvme", "params": "nvme", "nvme_path": str(folder),
-                          "host_memory_budget": args.host_budget, "prefetch_blocks": args.prefetch_blocks}
+                          "host_memory_budget": args.host_budget, "prefetch_blocks": args.prefetch_blocks,
+                          "optimizer_cpu_fraction": _fraction(args.optimizer_cpu_fraction)}
     config = MemTrainConfig.from_dict(cfg)
     out["memtrain_config"] = cfg
     engine = Engine.create(config, 1, 1, "cpu")
@@ -402,6 +407,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--host-budget", default="2.5GiB", help="memtrain's offload.host_memory_budget")
     parser.add_argument("--prefetch-blocks", type=int, default=1, help="memtrain's offload.prefetch_blocks")
+    parser.add_argument("--optimizer-cpu-fraction", default="0",
+                        help="memtrain's offload.optimizer_cpu_fraction: a number in [0, 1] or 'auto' (what the "
+                             "host budget leaves after the swap buffers)")
     parser.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     parser.add_argument("--timeout", type=float, default=420, help="seconds per contender process")
     parser.add_argument("--out", default="bench_results/offload_step.json")
