@@ -184,7 +184,7 @@ class OffloadedAdam:
         """Parameters and gradients on the GPU: each tile's slices are staged through page-locked buffers, the
         next tile's device->host copies running while this tile is updated (see ``staging.py``)."""
         if self._staging is None:
-            self._staging = DeviceStaging(self.store.tile_elems, _local(live[0].param).device)
+            self._staging = DeviceStaging(self.store.max_tile_elems, _local(live[0].param).device)
         staging = self._staging
         spans = self.store.spans(index)
 

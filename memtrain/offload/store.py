@@ -62,7 +62,10 @@ class StateStore:
                  folder: Path | None = None, engine: SwapEngine | None = None, prefetch_tiles: int = 1) -> None:
         self.keys = keys
         self.units = plan_tiers(numels, cpu_fraction)
-        self.tile_elems = self.tile_elems_for(self.units, tile_bytes)
+        self.tile_elems = self.tile_elems_for(self.units, tile_bytes)  # NVMe tiles: what the buffers hold
+        # Host-tier tiles need no buffer: as large as configured (many tiny kernel calls would be slow).
+        self.host_tile_elems = max(ELEMS_ALIGN, tile_bytes // FLOAT_BYTES // ELEMS_ALIGN * ELEMS_ALIGN)
+        self.max_tile_elems = max(self.tile_elems, self.host_tile_elems)
         self.prefetch_tiles = prefetch_tiles
         cpu_elems = sum(_round_up(u.numel) for u in self.units if u.tier == "cpu")
         nvme_elems = sum(_round_up(u.numel) for u in self.units if u.tier == "nvme")
@@ -144,8 +147,9 @@ class StateStore:
 
     def spans(self, unit: int) -> list[tuple[int, int]]:
         """(start, numel) of each tile ``tiles(unit)`` yields, in order."""
-        n = self.units[unit].numel
-        return [(s, min(self.tile_elems, n - s)) for s in range(0, n, self.tile_elems)]
+        u = self.units[unit]
+        size = self.host_tile_elems if u.tier == "cpu" else self.tile_elems
+        return [(s, min(size, u.numel - s)) for s in range(0, u.numel, size)]
 
     def flush(self) -> None:
         """Wait for every write-back; raises (naming the file) if one failed."""
