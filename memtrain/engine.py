@@ -130,6 +130,7 @@ class Engine:
             self.local_update.close()
         if self.activations is not None:  # copies and NVMe writes still in flight, then the swap folder
             self.activations.close()
+        self.offload.close()  # the offload's swap folder (offloaded shards stay readable through their mapping)
 
     # -- stepping -----------------------------------------------------------------------------------------
     @contextmanager
