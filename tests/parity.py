@@ -80,6 +80,22 @@ def assert_close_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tens
         torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+def rank_backward(engine: Any, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, rank: int, world: int,
+                  accumulate: int = 1) -> float:
+    """Forward + backward of this rank's slice of a global batch in ``accumulate`` micro-batches, gradients
+    synchronized on the last one only; returns the summed loss."""
+    x, y = rank_slice(x, rank, world), rank_slice(y, rank, world)
+    total = 0.0
+    for micro in range(accumulate):
+        xs, ys = rank_slice(x, micro, accumulate), rank_slice(y, micro, accumulate)
+        sync = micro == accumulate - 1
+        with (torch.enable_grad() if sync else engine.no_gradient_sync(model)):
+            loss = model.loss(xs, ys) / accumulate
+            loss.backward()
+        total += loss.item()
+    return total
+
+
 def engine_train(rank: int, world: int, sharding: dict[str, Any], steps: range, batch_size: int, *,
                  clip: float | None = None, accumulate: int = 1, local_world: int | None = None,
                  load_from: str | None = None, save_to: str | None = None) -> dict[str, Any]:
@@ -94,15 +110,7 @@ def engine_train(rank: int, world: int, sharding: dict[str, Any], steps: range, 
     losses = []
     for step in steps:
         x, y = global_batch(step, batch_size)
-        x, y = rank_slice(x, rank, world), rank_slice(y, rank, world)
-        total = 0.0
-        for micro in range(accumulate):
-            xs, ys = rank_slice(x, micro, accumulate), rank_slice(y, micro, accumulate)
-            sync = micro == accumulate - 1
-            with (torch.enable_grad() if sync else engine.no_gradient_sync(model)):
-                loss = model.loss(xs, ys) / accumulate
-                loss.backward()
-            total += loss.item()
+        total = rank_backward(engine, model, x, y, rank, world, accumulate)
         if clip is not None:
             engine.clip_grad_norm_(model, clip)
         opt.step()

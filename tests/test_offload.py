@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from tests.distributed import run_distributed
-from tests.parity import LR, TINY, full_params, global_batch, mean_across_ranks, rank_slice, tiny_gpt
+from tests.parity import LR, TINY, full_params, global_batch, mean_across_ranks, rank_backward, tiny_gpt
 
 STEPS, BATCH = 3, 8
 TILE = 4096  # the smallest tile: each block's state moves in several tiles
@@ -35,15 +35,7 @@ def _train(rank: int, world: int, stage: int, offload: dict[str, Any], steps: ra
     losses = []
     for step in steps:
         x, y = global_batch(step, BATCH, cfg)
-        x, y = rank_slice(x, rank, world), rank_slice(y, rank, world)
-        total = 0.0
-        for micro in range(accumulate):
-            xs, ys = rank_slice(x, micro, accumulate), rank_slice(y, micro, accumulate)
-            sync = micro == accumulate - 1
-            with (torch.enable_grad() if sync else engine.no_gradient_sync(model)):
-                loss = model.loss(xs, ys) / accumulate
-                loss.backward()
-            total += loss.item()
+        total = rank_backward(engine, model, x, y, rank, world, accumulate)
         if clip is not None and not in_optimizer_clip:
             engine.clip_grad_norm_(model, clip, opt)
         opt.step()

@@ -22,7 +22,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 from torch.distributed.tensor import DTensor
 
 from memtrain.offload.params import ParamOffload, ParamUnit
@@ -314,6 +313,3 @@ def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
 def offload_state(optimizer: torch.optim.Optimizer) -> OffloadedAdam | None:
     return getattr(optimizer, "_memtrain_offload", None)
 
-
-def named_entries(model: nn.Module) -> dict[int, str]:
-    return {id(p): n for n, p in model.named_parameters()}

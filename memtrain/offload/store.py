@@ -88,12 +88,6 @@ class StateStore:
 
     # -- sizes, for the host budget and telemetry ------------------------------------------------------------
     @property
-    def host_bytes(self) -> int:
-        """Host memory this store holds: the host tier plus its swap buffers."""
-        pool = self.pool.total_bytes if self.pool is not None else 0
-        return sum(t.numel() * FLOAT_BYTES for t in self.host.values()) + pool
-
-    @property
     def nvme_bytes(self) -> int:
         return sum(os.path.getsize(p) for p in self.files.values())
 
