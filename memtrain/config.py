@@ -263,7 +263,9 @@ class ActivationsConfig:
     tier: "cpu" (reused host buffers, page-locked on CUDA) or "nvme" (files through the swap engine, under
         ``nvme_path`` or else ``offload.nvme_path``).
     swap_fraction: split only: the share of tokens swapped (None: the planner's choice, the most that hides).
-    memory_budget: auto only (required there): bytes of saved block activations allowed on the compute device.
+    memory_budget: auto only (required there): bytes of saved block activations allowed on the compute device,
+        a recomputed block's rerun in backward included. A budget no plan reaches is refused at the end of the
+        first forward (before any backward or optimizer update), with the smallest reachable budget.
     keep_last_blocks: swap / split: the last blocks stay on the device (their swap could not be hidden).
     min_bytes: saved tensors smaller than this stay on the device. prefetch_blocks: blocks reloaded ahead.
     token_parallel: "auto" (a block's LayerNorm / RMSNorm and *MLP / *FeedForward children) or class names
@@ -326,6 +328,65 @@ class ActivationsConfig:
         return self.policy in ("swap", "split", "auto")
 
 
+REDUNDANCIES = ("none", "replica")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Asynchronous in-memory snapshots that survive crashes, and their durable flush (``memtrain.checkpoint``).
+
+    snapshot_every_n_steps: after every n-th optimizer step the sharded training state is copied to host memory
+        in the background while the next step computes (0: no snapshots, the default). Training waits only
+        before the next optimizer step, and only if the copy has not finished.
+    keeper: the snapshot memory is owned by a keeper process per node (a crashed or killed trainer leaves its
+        snapshot behind and the restarted one restores from it). False: the trainer owns it (no crash survival).
+    keeper_dir: folder of the keeper's socket (default: ``/tmp/memtrain-<uid>``); keeper_idle_timeout_s: a
+        keeper with no trainer attached exits after this many seconds.
+    redundancy: "replica": each rank's snapshot is also copied to a rank on the next node, so losing a whole
+        node's memory is survivable; "none": only the own node's keeper holds it.
+    dirpath: folder of the durable checkpoints (DCP format, one ``step-<n>`` folder each, committed atomically,
+        checksummed). persist_every_n_snapshots: every n-th snapshot is flushed there in the background
+        (0: never). keep_latest_k: durable checkpoints kept in ``dirpath`` (older ones are removed).
+    """
+
+    snapshot_every_n_steps: int = 0
+    keeper: bool = True
+    keeper_dir: str | None = None
+    keeper_idle_timeout_s: float = 600.0
+    redundancy: str = "none"
+    dirpath: str | None = None
+    persist_every_n_snapshots: int = 0
+    keep_latest_k: int = 3
+
+    @property
+    def enabled(self) -> bool:
+        return self.snapshot_every_n_steps > 0
+
+    def __post_init__(self) -> None:
+        for key, low in (("snapshot_every_n_steps", 0), ("persist_every_n_snapshots", 0), ("keep_latest_k", 1)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise _err(f"checkpoint.{key}", value, f"use an integer >= {low}")
+        if not isinstance(self.keeper, bool):
+            raise _err("checkpoint.keeper", self.keeper, "use true or false")
+        timeout = self.keeper_idle_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise _err("checkpoint.keeper_idle_timeout_s", timeout, "use a positive number of seconds")
+        if self.redundancy not in REDUNDANCIES:
+            raise _err("checkpoint.redundancy", self.redundancy, f"choose one of {list(REDUNDANCIES)}")
+        if self.persist_every_n_snapshots and not self.dirpath:
+            raise ConfigError("checkpoint.persist_every_n_snapshots needs checkpoint.dirpath: the folder the "
+                              "durable checkpoints are written to")
+        if not self.enabled:  # nothing is silently ignored: settings of a switched-off section are refused
+            for name in ("redundancy", "persist_every_n_snapshots"):
+                if getattr(self, name) not in ("none", 0):
+                    raise _err(f"checkpoint.{name}", getattr(self, name), "snapshots are off "
+                               "(checkpoint.snapshot_every_n_steps=0): set checkpoint.snapshot_every_n_steps")
+        if self.redundancy == "replica" and not self.keeper:
+            raise _err("checkpoint.redundancy", self.redundancy, "replicas are held by the peers' keepers: "
+                       "set checkpoint.keeper=true")
+
+
 @dataclass(frozen=True)
 class MemTrainConfig:
     """All of memtrain's settings, one section per capability."""
@@ -334,6 +395,7 @@ class MemTrainConfig:
     offload: OffloadConfig = field(default_factory=OffloadConfig)
     local_update: LocalUpdateConfig = field(default_factory=LocalUpdateConfig)
     activations: ActivationsConfig = field(default_factory=ActivationsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     @property
     def activations_nvme_path(self) -> str | None:

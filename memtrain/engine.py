@@ -13,8 +13,10 @@ and to the optimizer:
 
     1. shard_optimizer_state  ZeRO-1 only (stages 2-3 shard optimizer state through their parameters)
     2. apply_optimizer_offload  Adam(W) state to host memory / NVMe, stepped on the CPU tile by tile
-    3. apply_local_update     CO2 / local SGD / DiLoCo (``memtrain.local_update``), last: it wraps the
+    3. apply_local_update     CO2 / local SGD / DiLoCo (``memtrain.local_update``): it wraps the
                               optimizer's step (ZeRO-1's included) and runs the outer step after it
+    4. apply_snapshots        asynchronous checkpoints (``memtrain.checkpoint``), last: the outermost wrapper of
+                              the step waits for the previous snapshot's copy before anything is updated
 
 With local updates on, step 2 of the model list shards over the mesh's shard dimension only
 (``across_replicas=False``): each replica is an independent FSDP2 group (stages 0-1: one rank), so backward
@@ -38,6 +40,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from memtrain.activations import ActivationManager, apply_activations
+from memtrain.checkpoint.manager import CheckpointManager, Restored
 from memtrain.checkpoint.sharded import load_sharded, save_sharded
 from memtrain.checkpoint.state import load_training_state, model_state, template_optimizer_state, training_state
 from memtrain.config import MemTrainConfig
@@ -63,10 +66,12 @@ class Engine:
     config: MemTrainConfig
     mesh: DeviceMesh
     job: str = field(default_factory=default_job_name)
+    ranks_per_node: int = 1  # the launcher's local world size: ranks r*n .. r*n+n-1 share node r
     offload: OffloadResources = field(init=False)
 
     local_update: LocalUpdate | None = field(default=None, init=False)  # set by prepare_optimizer when on
     activations: ActivationManager | None = field(default=None, init=False)  # set by prepare_model when on
+    checkpoints: CheckpointManager | None = field(default=None, init=False)  # set by prepare_optimizer when on
 
     def __post_init__(self) -> None:
         self.offload = OffloadResources(self.config.offload, self.job)
@@ -77,7 +82,8 @@ class Engine:
 
         Needs an initialized default process group; call ``plan`` first to fail before starting one.
         """
-        return cls(config, build_mesh(cls.plan(config, world_size, local_world_size), device_type))
+        mesh = build_mesh(cls.plan(config, world_size, local_world_size), device_type)
+        return cls(config, mesh, ranks_per_node=local_world_size)
 
     @staticmethod
     def plan(config: MemTrainConfig, world_size: int, local_world_size: int) -> MeshPlan:
@@ -122,10 +128,16 @@ class Engine:
             raise ValueError("max_grad_norm is for offloaded optimizers; otherwise call engine.clip_grad_norm_")
         if self.config.local_update.enabled:
             self.local_update = apply_local_update(model, optimizer, self.config.local_update, self.mesh)
+        if self.config.checkpoint.enabled:
+            self.checkpoints = apply_snapshots(optimizer, self.config.checkpoint, self.job, self.ranks_per_node,
+                                               self.mesh.device_type)
         return optimizer
 
-    def close(self) -> None:
-        """Stop background work (the local-update reduction thread); call before destroying the process group."""
+    def close(self, finished: bool = False) -> None:
+        """Stop background work (snapshot copies and flushes, the local-update reduction thread); call before
+        destroying the process group. ``finished``: the job is done, its keeper may let go of the snapshots."""
+        if self.checkpoints is not None:
+            self.checkpoints.close(finished)
         if self.local_update is not None:
             self.local_update.close()
         if self.activations is not None:  # copies and NVMe writes still in flight, then the swap folder
@@ -166,6 +178,14 @@ class Engine:
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     @staticmethod
+    def _checkpoint_parts(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                          rank_state: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        local_update = local_update_of(optimizer) if optimizer is not None else None
+        if local_update is not None:  # replicas differ: each rank keeps its own replica's state
+            rank_state = {**(rank_state or {}), "local_update": local_update.state_dict()}
+        return training_state(model, optimizer), rank_state
+
+    @staticmethod
     def save_checkpoint(
         path: str | Path,
         model: nn.Module,
@@ -173,20 +193,40 @@ class Engine:
         meta: dict[str, Any] | None = None,
         rank_state: dict[str, Any] | None = None,
     ) -> None:
-        local_update = local_update_of(optimizer) if optimizer is not None else None
-        if local_update is not None:  # replicas differ: each rank keeps its own replica's state
-            rank_state = {**(rank_state or {}), "local_update": local_update.state_dict()}
-        save_sharded(path, training_state(model, optimizer), meta, rank_state)
+        tensors, rank_state = Engine._checkpoint_parts(model, optimizer, rank_state)
+        save_sharded(path, tensors, meta, rank_state)
+
+    def snapshot(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 meta: dict[str, Any] | None = None, rank_state: dict[str, Any] | None = None) -> bool:
+        """Right after ``optimizer.step()``: start an asynchronous snapshot when ``step`` is due (checkpoint
+        section). Returns whether one started."""
+        if self.checkpoints is None or not self.checkpoints.due(step):
+            return False
+        tensors, rank_state = self._checkpoint_parts(model, optimizer, rank_state)
+        buffers = {f"model.{name}" for name, _ in model.named_buffers()}  # change in forward: copied now
+        self.checkpoints.snapshot(step, tensors, meta, rank_state, stable_now=buffers)
+        return True
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Restored | None:
+        """Collective: the newest snapshot every rank can get (own keeper, peers, durable checkpoints), loaded
+        into model and optimizer; None when there is none (or snapshots are off)."""
+        if self.checkpoints is None:
+            return None
+        restored = self.checkpoints.restore(self._template(model, optimizer))
+        if restored is not None:
+            self._apply_loaded(model, optimizer, restored.state, restored.rank_state)
+        return restored
 
     @staticmethod
-    def load_checkpoint(
-        path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
-    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Load in place (any stage, any world size). Returns (meta, this rank's state or None)."""
+    def _template(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
         state: dict[str, Any] = {"model": model_state(model)}
         if optimizer is not None:
             state["optimizer"] = template_optimizer_state(model, optimizer)
-        meta, rank_state = load_sharded(path, state)
+        return state
+
+    @staticmethod
+    def _apply_loaded(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any],
+                      rank_state: dict[str, Any] | None) -> None:
         load_training_state(model, optimizer, state)
         local_update = local_update_of(optimizer) if optimizer is not None else None
         if local_update is not None:
@@ -194,4 +234,34 @@ class Engine:
                 local_update.load_state_dict(rank_state["local_update"])
             else:  # another world size, or saved without local updates: the outer loop restarts from the model
                 local_update.reset_from_model()
+
+    @staticmethod
+    def load_checkpoint(
+        path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Load in place (any stage, any world size). Returns (meta, this rank's state or None)."""
+        state = Engine._template(model, optimizer)
+        meta, rank_state = load_sharded(path, state)
+        Engine._apply_loaded(model, optimizer, state, rank_state)
         return meta, rank_state
+
+
+def apply_snapshots(optimizer: torch.optim.Optimizer, config: Any, job: str, ranks_per_node: int,
+                    device_type: str) -> CheckpointManager:
+    """Snapshots of this job's state; every update of ``optimizer`` first waits for the pending snapshot copy."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    manager = CheckpointManager(config, job, rank, world, ranks_per_node, device_type)
+    inner_step = optimizer.step
+
+    def step(*args: Any, **kwargs: Any) -> Any:
+        manager.wait_copied()
+        return inner_step(*args, **kwargs)
+
+    optimizer.step = step  # type: ignore[method-assign]
+    offloaded = offload_state(optimizer)
+    if offloaded is not None:  # it may update blocks during backward, before step() is called
+        offloaded.before_update = manager.wait_copied
+    return manager

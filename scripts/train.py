@@ -49,6 +49,12 @@ def batches(loader: DataLoader, device: torch.device) -> Iterator[tuple[torch.Te
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
+def rank_state_now(sampler: ResumableDistributedSampler, use_cuda: bool, device: torch.device) -> dict[str, Any]:
+    """This rank's data position and random state at a step boundary."""
+    return {"sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(device) if use_cuda else None}
+
+
 def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
     config: MemTrainConfig = memtrain_config(cfg)
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -91,11 +97,16 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
         dist.broadcast_object_list(box, src=0)
         ckpt_dir = box[0]
     step = 0
-    if cfg.ckpt_path:
+    # After a crash (torchrun --max-restarts): the newest snapshot from the keepers, peers or durable folder.
+    restored = engine.restore(model, optimizer) if engine is not None else None
+    if restored is not None:
+        step, rank_state = restored.step, restored.rank_state
+    elif cfg.ckpt_path:
         if engine is None:
             raise SystemExit("--plain runs do not resume")
         meta, rank_state = engine.load_checkpoint(cfg.ckpt_path, model, optimizer)
         step = meta["step"]
+    if restored is not None or cfg.ckpt_path:
         if rank_state is not None:  # same world size: continue at the exact sample
             sampler.load_state_dict(rank_state["sampler"])
             torch.set_rng_state(rank_state["rng"])
@@ -129,6 +140,9 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         step += 1
         losses.append(step_loss)
+        if engine is not None:  # lazy: copied while the next step computes
+            engine.snapshot(step, model, optimizer, meta={"step": step, "world_size": world, "config": config.to_dict()},
+                            rank_state=rank_state_now(sampler, use_cuda, device))
         if rank == 0 and (step % cfg.trainer.log_every_n_steps == 0 or step == max_steps):
             print(f"step {step}/{max_steps} loss {step_loss:.4f} tokens/s {tokens / (time.perf_counter() - start):.0f}",
                   flush=True)
@@ -137,22 +151,23 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
                 ckpt_dir.mkdir(parents=True, exist_ok=True)
                 atomic_torch_save(model.state_dict(), ckpt_dir / f"step-{step}.pt")
                 continue
-            rank_state = {"sampler": sampler.state_dict(), "rng": torch.get_rng_state(),
-                          "cuda_rng": torch.cuda.get_rng_state(device) if use_cuda else None}
             engine.save_checkpoint(ckpt_dir / f"step-{step}", model, optimizer,
                                    meta={"step": step, "world_size": world, "config": config.to_dict()},
-                                   rank_state=rank_state)
+                                   rank_state=rank_state_now(sampler, use_cuda, device))
 
+    if engine is not None and engine.checkpoints is not None:
+        engine.checkpoints.wait()  # the last snapshot's replica and flush
     summary = {
         "world_size": world, "steps": step, "tokens_per_s": tokens / (time.perf_counter() - start),
         "initial_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
         "bytes_per_rank": {c: memory.total(c) for c in ("params", "grads", "optimizer_state")} if losses else {},
         "checkpoint_dir": str(ckpt_dir) if every else None,
+        "snapshots": engine.checkpoints.status() if engine is not None and engine.checkpoints is not None else None,
     }
     if rank == 0:
         print("memtrain summary: " + json.dumps(summary), flush=True)
     if engine is not None:
-        engine.close()  # a local-update round may still be reducing on its thread
+        engine.close(finished=True)  # snapshots still copying, a local-update round still reducing
         dist.destroy_process_group()
     return summary
 

@@ -189,7 +189,9 @@ def _run_steps(model: GPT, opt: torch.optim.Optimizer, steps: range) -> None:
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("budget", [1_200_000, 700_000, 400_000, 200_000])
+# 400_000 plans recompute: a planner that left the rerun of a recomputed block out of its peak would plan splits
+# there that peak near 500_000 (a miss of ~24%); the accounting counts the rerun's tensors as they are re-saved.
+@pytest.mark.parametrize("budget", [1_200_000, 700_000, 500_000, 400_000])
 def test_peak_resident_bytes_follow_the_plan(budget: int) -> None:
     torch.manual_seed(0)
     model = GPT(CFG)
@@ -206,7 +208,7 @@ def test_peak_resident_bytes_follow_the_plan(budget: int) -> None:
 
 
 @pytest.mark.parametrize("kinds", [["keep"] * 4, ["swap"] * 4, ["recompute", "swap", "split", "keep"],
-                                   ["split", "split", "keep", "keep"]])
+                                   ["split", "split", "keep", "keep"], ["recompute"] * 4, ["split"] * 4])
 def test_peak_of_fixed_policies_matches_the_cost_model(kinds: list[str]) -> None:
     torch.manual_seed(0)
     model = GPT(CFG)
@@ -219,7 +221,20 @@ def test_peak_of_fixed_policies_matches_the_cost_model(kinds: list[str]) -> None
     manager.accounting.reset_peak()
     _run_steps(model, opt, range(4, 5))
     predicted = predict_peak(manager.profile, policies, 1)
-    assert abs(manager.accounting.peak_bytes - predicted) <= 0.1 * predicted
+    measured = manager.accounting.peak_bytes
+    assert abs(measured - predicted) <= 0.1 * predicted, (measured, predicted)
+    if kinds in (["recompute"] * 4, ["split"] * 4):  # a rerun sets the peak: without it the model misses by > 10%
+        no_rerun = predict_peak(_without_rerun(manager.profile), policies, 1)
+        assert measured - no_rerun > 0.1 * no_rerun, (measured, no_rerun)
+
+
+def _without_rerun(profile: Any) -> Any:
+    """The profile with nothing re-materialized by a rerun (a cost model that left the rerun out)."""
+    import dataclasses
+
+    blocks = [dataclasses.replace(b, input_saved_bytes=b.saved_bytes + b.small_bytes, token_rerun_bytes=0)
+              for b in profile.blocks]
+    return dataclasses.replace(profile, blocks=blocks)
 
 
 def test_swap_lowers_the_peak_and_reuses_its_host_arenas() -> None:
@@ -237,8 +252,36 @@ def test_swap_lowers_the_peak_and_reuses_its_host_arenas() -> None:
     swapped, manager = peak("swap")
     # 4 blocks, the last kept: in backward the last block, one reloaded block and one prefetched are held.
     assert swapped < 0.8 * kept
-    # One arena per swapped block, allocated at the second step (sized by the first) and reused since.
+    # One arena per swapped block, allocated once (blocks 1-2 in the first step, sized by block 0; block 0 at the
+    # second, sized by its first) and reused since.
     assert manager.transfers.pool.allocations == 3
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_first_step_does_not_allocate_host_buffers_per_tensor(tier: str, tmp_path, monkeypatch) -> None:
+    from memtrain.activations import arenas, packet
+    from memtrain.swap import aligned_empty
+
+    sizes: list[int] = []
+
+    def counted(nbytes: int, pin: bool = False) -> torch.Tensor:
+        sizes.append(nbytes)
+        return aligned_empty(nbytes, pin)
+
+    monkeypatch.setattr(arenas, "aligned_empty", counted)
+    monkeypatch.setattr(packet, "aligned_empty", counted)
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    manager = apply_activations(model, ActivationsConfig(policy="swap", tier=tier, nvme_path=str(tmp_path),
+                                                         keep_last_blocks=0))
+    x, y = global_batch(0, BATCH, CFG)
+    loss = model.loss(x, y)
+    swapped = sum(len(p.slots) for packets in manager.packets for p in packets)
+    # At most one host buffer per block (block 0 grows a spare one; the others get an arena sized by block 0),
+    # where one per saved storage would be several per block.
+    assert len(sizes) <= CFG.n_layer < swapped // 2, (sizes, swapped)
+    loss.backward()
+    manager.close()
 
 
 def test_views_of_one_storage_are_moved_once() -> None:
@@ -261,21 +304,64 @@ def test_views_of_one_storage_are_moved_once() -> None:
 
 
 # -- bad input ------------------------------------------------------------------------------------------------------
-def test_budget_below_every_plan_names_the_smallest_reachable() -> None:
+def test_budget_below_every_plan_is_refused_before_anything_changes() -> None:
     torch.manual_seed(0)
     model = GPT(CFG)
-    apply_activations(model, ActivationsConfig(policy="auto", memory_budget=1000))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    manager = apply_activations(model, ActivationsConfig(policy="auto", memory_budget=1000))
     opt = make_optimizer(model)
-    with pytest.raises(ConfigError, match=r"activations.memory_budget=1000 bytes .* cannot be reached: the smallest "
-                                          r"budget any plan reaches for these blocks is (\d+) bytes") as err:
+    with pytest.raises(ConfigError, match=r"activations.memory_budget=1000 bytes \(1000 B\) cannot be reached: the "
+                                          r"smallest budget any plan reaches for these blocks is (\d+) bytes "
+                                          r"\((\d+\.\d\d) KiB\); set activations.memory_budget to at least") as err:
         _run_steps(model, opt, range(3))
-    smallest = int(str(err.value).split("reaches for these blocks is ")[1].split(" ")[0])
-    torch.manual_seed(0)
-    model = GPT(CFG)
-    manager = apply_activations(model, ActivationsConfig(policy="auto", memory_budget=smallest))
-    opt = make_optimizer(model)
-    _run_steps(model, opt, range(4))  # that budget is reachable
-    assert manager.plan.predicted_peak <= smallest
+    # Raised in the first forward: no backward ran, no optimizer step, no parameter changed.
+    assert manager.plan is None and not opt.state
+    for n, p in model.named_parameters():
+        assert p.grad is None and torch.equal(p.detach(), before[n]), n
+    message = str(err.value)
+    smallest = int(message.split("reaches for these blocks is ")[1].split(" ")[0])
+    assert f"({smallest / 2**10:.2f} KiB)" in message
+    # That budget is reachable, and one byte less is not.
+    for budget, reachable in ((smallest, True), (smallest - 1, False)):
+        torch.manual_seed(0)
+        model = GPT(CFG)
+        manager = apply_activations(model, ActivationsConfig(policy="auto", memory_budget=budget))
+        opt = make_optimizer(model)
+        if not reachable:
+            with pytest.raises(ConfigError, match=f"is {smallest} bytes"):
+                _run_steps(model, opt, range(1))
+            continue
+        _run_steps(model, opt, range(4))
+        assert manager.plan.predicted_peak <= smallest
+        manager.accounting.reset_peak()
+        _run_steps(model, opt, range(4, 5))
+        assert manager.accounting.peak_bytes <= 1.1 * smallest
+
+
+def _lightning_refuses_the_budget(rank: int, world: int, folder: str) -> dict[str, Any]:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from tests.lightning_run import TinyModule, fit
+    from tests.parity import full_params
+
+    module = TinyModule()
+    before = full_params(module.model)
+    saver = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_last=True)
+    try:
+        fit(rank, world, strategy={"zero_stage": 3, "activations": "auto", "activation_memory_budget": 1000},
+            steps=3, global_batch_size=4, callbacks=[saver], module=module)
+    except ConfigError as e:
+        after = full_params(module.model)
+        return {"error": str(e), "unchanged": all(torch.equal(after[n], before[n]) for n in before)}
+    return {"error": None}
+
+
+def test_lightning_refuses_an_unreachable_budget_before_the_first_update(tmp_path) -> None:
+    """Through the Trainer and MemTrainStrategy (ZeRO-3): the same error, no update, no checkpoint written."""
+    got = run_distributed(_lightning_refuses_the_budget, 1, str(tmp_path / "ckpt"))[0]
+    assert "activations.memory_budget=1000 bytes (1000 B) cannot be reached" in (got["error"] or "")
+    assert got["unchanged"]
+    assert not (tmp_path / "ckpt").exists() or not any((tmp_path / "ckpt").iterdir())
 
 
 @pytest.mark.parametrize("data, message", [
@@ -337,7 +423,7 @@ def test_hydra_app_trains_with_activations_auto(tmp_path) -> None:
     from pathlib import Path
 
     root = Path(__file__).resolve().parent.parent
-    cmd = [sys.executable, "-m", "memtrain.cli.train", "activations=auto", "activations.memory_budget=100KiB",
+    cmd = [sys.executable, "-m", "memtrain.cli.train", "activations=auto", "activations.memory_budget=700KiB",
            "model.seq_len=64", "model.n_layer=3", "model.n_embd=32", "model.n_head=2", "trainer.max_steps=5",
            "data.max_bytes=100000", "data.batch_size=4", "trainer.limit_val_batches=0",
            "callbacks.checkpoint_every_n_train_steps=null", "trainer.enable_progress_bar=false",
@@ -345,7 +431,7 @@ def test_hydra_app_trains_with_activations_auto(tmp_path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert proc.stdout.count("memtrain activation plan: budget 0.10 MiB") == 1  # one plan, printed by rank 0
+    assert proc.stdout.count("memtrain activation plan: budget 0.68 MiB") == 1  # one plan, printed by rank 0
     assert "memtrain summary: 5 steps on 2 ranks" in proc.stdout
 
 

@@ -1,9 +1,11 @@
 """Host arenas for swapped activations: one aligned host buffer per block forward, allocated once and reused.
 
 A block's saved storages are packed one after another into an arena, each at a 4096-byte boundary (so the NVMe
-tier can move each with O_DIRECT). An arena is sized by what that block saved the last time; the pool hands
-the same arena back to the same block every step, so after the first step nothing is allocated. Arenas are
-page-locked where the compute device is CUDA (one ``cudaHostAlloc`` per arena, never per tensor).
+tier can move each with O_DIRECT). An arena is sized by what that block saved the last time (a block not seen
+yet: by the largest block seen; the very first block of the run fills a spare buffer that doubles as it goes,
+see ``Packet``); the pool hands the same arena back to the same block every step, so after the first step
+nothing is allocated. Arenas are page-locked where the compute device is CUDA (one ``cudaHostAlloc`` per arena,
+never per tensor).
 """
 from __future__ import annotations
 

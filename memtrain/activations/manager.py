@@ -8,7 +8,8 @@ below it are reloaded ahead of need (``prefetch_blocks`` of them, in reverse blo
 With ``policy="auto"`` (and "split" without a fraction) the first training forward warms up and the second is a
 profile: every block swaps (the least memory, and the hooks see every saved tensor), its compute time, saved
 bytes and token-parallel share are recorded; the next forward plans (``planner.py``) and runs the plan from then
-on.
+on. The warm-up's bytes are checked against ``memory_budget`` as its last block's forward ends, so a budget no
+plan reaches stops the run before any backward or optimizer update.
 """
 from __future__ import annotations
 
@@ -24,7 +25,13 @@ from memtrain.activations.packet import Packet, SavedRecord, Transfers
 from memtrain.activations.recompute import recompute
 from memtrain.activations.split import split_forward, token_parallel_children
 from memtrain.config import ActivationsConfig
-from memtrain.telemetry.saved_tensors import HeldTensor, SavedTensorAccounting, is_parameter_like, storage_bytes
+from memtrain.telemetry.saved_tensors import (
+    HeldTensor,
+    SavedTensorAccounting,
+    is_parameter_like,
+    storage_bytes,
+    storage_key,
+)
 
 KINDS = ("keep", "recompute", "swap", "split")
 
@@ -49,6 +56,8 @@ class BlockProfile:
     token_saved_bytes: int = 0  # of saved_bytes, saved inside token-parallel children
     token_input_bytes: int = 0  # inputs of the token-parallel children (what split keeps for the rest)
     input_bytes: int = 0  # the block's tensor inputs (what recompute keeps)
+    input_saved_bytes: int = 0  # of those, what the block saves itself (a rerun re-saves them at no extra cost)
+    token_rerun_bytes: int = 0  # the largest token-parallel child's saved bytes beyond its input (a split's rerun)
     move_s: float = 0.0  # measured seconds spent copying out (synchronous copies only)
 
 
@@ -62,10 +71,15 @@ class _Scope:
     """One block forward under keep / swap / split: the saved-tensor hooks and what they collect."""
 
     def __init__(self, manager: "ActivationManager", index: int, policy: BlockPolicy,
-                 profile: BlockProfile | None) -> None:
+                 profile: BlockProfile | None, args: tuple[Any, ...] = ()) -> None:
         self.m, self.index, self.policy, self.profile = manager, index, policy, profile
         self.packet: Packet | None = None
         self.in_token = 0
+        # Profile only: which saved storages are the block's (or the running token child's) own input.
+        inputs = [a for a in args if isinstance(a, torch.Tensor)] if profile is not None else []
+        self.input_keys = {storage_key(a) for a in inputs}
+        self.child_input_key: Any = None
+        self.child_input_saved = 0
         self.hooks: Any = None
 
     def __enter__(self) -> "_Scope":
@@ -89,6 +103,8 @@ class _Scope:
         if self.packet is None or nbytes < self.m.config.min_bytes or t.device != self.m.device_of(t):
             if self.profile is not None:
                 self.profile.small_bytes += nbytes
+                if storage_key(t) in self.input_keys:
+                    self.profile.input_saved_bytes += nbytes
             return HeldTensor(t, self.m.accounting, on_unpack=self._reached)
         before = len(self.packet.slots)
         start = time.perf_counter()
@@ -96,8 +112,13 @@ class _Scope:
         if self.profile is not None and len(self.packet.slots) > before:
             self.profile.move_s += time.perf_counter() - start
             self.profile.saved_bytes += nbytes
+            key = storage_key(t)
+            if key in self.input_keys:
+                self.profile.input_saved_bytes += nbytes
             if self.in_token:
                 self.profile.token_saved_bytes += nbytes
+                if key == self.child_input_key:
+                    self.child_input_saved += nbytes
         return record
 
     def unpack(self, obj: Any) -> torch.Tensor:
@@ -140,9 +161,7 @@ class ActivationManager:
         self.plan: Any = None  # planner.Plan once planned
         # auto, and split without a fraction, choose from a profiled step
         self._profiling = config.policy == "auto" or (config.policy == "split" and config.swap_fraction is None)
-        self._profile_started = False
-        self._profile_done = False
-        self._warmup_steps = 1
+        self._forwards = 0  # training forwards seen while profiling (1: warm-up, 2: profile)
         self._scope: _Scope | None = None
         self._device: torch.device | None = None
         self._originals: list[tuple[nn.Module, Any]] = []
@@ -188,11 +207,13 @@ class ActivationManager:
             if policy.kind == "recompute":
                 out = recompute(original, args, kwargs, self.accounting, lambda: self._backward_reaches(index))
             else:
-                with _Scope(self, index, policy, profile):
+                with _Scope(self, index, policy, profile, args):
                     out = original(*args, **kwargs)
             if profile is not None:
                 _sync(self._device)
                 profile.forward_s += time.perf_counter() - start
+                if self._forwards == 1 and index == len(self.blocks) - 1:
+                    self._check_budget()  # the warm-up forward has seen every block: before any backward or update
             if policy.kind in ("keep", "recompute") and self.transfers is not None and self.transfers.in_flight:
                 self.transfers.release_sources()  # the block before's copies overlapped this forward; done now
             return out
@@ -211,13 +232,18 @@ class ActivationManager:
                 _sync(self._device)
                 start = time.perf_counter()
                 scope.profile.token_input_bytes += x.numel() * x.element_size()
+                saved_before = scope.profile.token_saved_bytes
+                scope.child_input_key, scope.child_input_saved = storage_key(x), 0
                 scope.in_token += 1
                 try:
                     out = original(x)
                 finally:
                     scope.in_token -= 1
+                    scope.child_input_key = None
                 _sync(self._device)
                 scope.profile.token_forward_s += time.perf_counter() - start
+                rerun = scope.profile.token_saved_bytes - saved_before - scope.child_input_saved
+                scope.profile.token_rerun_bytes = max(scope.profile.token_rerun_bytes, rerun)
                 return out
             if scope.policy.kind != "split" or x.dim() <= self.config.seq_dim:
                 return original(x)
@@ -236,7 +262,7 @@ class ActivationManager:
 
     # -- profile and plan ---------------------------------------------------------------------------------
     def _block_profile(self, index: int, args: tuple[Any, ...]) -> BlockProfile | None:
-        if not self._profiling or self.profile is None or self._profile_done:
+        if not self._profiling or self.profile is None:
             return None
         prof = self.profile.blocks[index]
         prof.input_bytes += sum(a.numel() * a.element_size() for a in args if isinstance(a, torch.Tensor))
@@ -244,19 +270,17 @@ class ActivationManager:
         return prof
 
     def _step_begins(self) -> None:
+        """Forward 1 (warm-up) records bytes only: its times include one-off costs (allocations, arenas), but its
+        bytes are enough to refuse an unreachable budget before anything is updated. Forward 2 is the profile,
+        forward 3 plans."""
         if self.transfers is not None:
             self.transfers.reap()
         if not self._profiling:
             return
-        if self._warmup_steps > 0:  # the first forward pays one-off costs (allocations, arenas): not profiled
-            self._warmup_steps -= 1
-            return
-        if not self._profile_started:
-            self._profile_started = True
-            self._profile_done = False
+        self._forwards += 1
+        if self._forwards <= 2:
             self.profile = Profile([BlockProfile() for _ in self.blocks])
             return
-        self._profile_done = True
         self._profiling = False
         from memtrain.activations.planner import choose_split_fractions, make_plan
 
@@ -270,6 +294,16 @@ class ActivationManager:
 
         if not dist.is_initialized() or dist.get_rank() == 0:  # every rank has the same plan: print it once
             print(self.plan.table(), flush=True)
+
+    def _check_budget(self) -> None:
+        """End of the warm-up forward: raise ConfigError if no plan reaches ``memory_budget`` (every rank alike)."""
+        if self.config.policy != "auto":
+            return
+        from memtrain.activations.planner import check_budget
+
+        assert self.profile is not None
+        self._agree_across_ranks(self.profile)
+        check_budget(self.profile, self.config, self._device or torch.device("cpu"))
 
     @staticmethod
     def _agree_across_ranks(profile: Profile) -> None:
@@ -308,7 +342,10 @@ class ActivationManager:
                                        engine, self.folder)
         used = {int(p.file.stem.rsplit("-", 1)[1]) for p in self.packets[index] if p.file is not None}
         file_index = min(set(range(len(used) + 1)) - used)
-        return Packet(self.transfers, index, self.expected[index], file_index, on_release=self._packet_released)
+        # A block not seen yet starts from the largest block seen (a model's blocks are mostly alike), so in the
+        # first step only the first block grows its buffer as it goes.
+        expected = self.expected[index] or max(self.expected)
+        return Packet(self.transfers, index, expected, file_index, on_release=self._packet_released)
 
     def _close_packet(self, packet: Packet) -> None:
         fill = packet.close()

@@ -23,6 +23,8 @@ from memtrain.activations.arenas import Arena, ArenaPool, round_up
 from memtrain.swap import aligned_empty
 from memtrain.telemetry.saved_tensors import SavedTensorAccounting, storage_key
 
+MIN_SPARE = 1 << 20  # the first spare buffer of a block seen for the first time (then doubling)
+
 
 class Transfers:
     """What every packet shares: the tier, the host arenas, the side stream, the swap files, the accounting."""
@@ -108,6 +110,8 @@ class Packet:
         self.reads: list[Any] = []
         self.on_release = on_release
         self.released = False
+        self.spare: torch.Tensor | None = None  # where slots go that the arena has no room for
+        self.spare_used = 0
         self.file = transfers.folder.file(f"activations-block{block}-{file_index}.bin") if transfers.tier == "nvme" else None
         if self.file is not None:  # NVMe: a few staging arenas shared by all blocks, freed as their writes finish
             transfers.reap()
@@ -136,8 +140,8 @@ class Packet:
         self.fill = round_up(offset + nbytes)
         if self.arena is not None and self.fill <= self.arena.capacity:
             padded = self.arena.buffer[offset : self.fill]
-        else:  # first sight of this block (or it grew): its own buffer this time, the arena is sized after
-            padded = aligned_empty(round_up(nbytes), pin=self.t.cuda)
+        else:  # first sight of any block (or this one grew): the arena is sized after
+            padded = self._spare_space(self.fill - offset)
         host = padded[:nbytes]
         self.t.accounting.hold(key, nbytes)
         self.sources.append(source)
@@ -151,6 +155,15 @@ class Packet:
             host.copy_(source)
         self.t.accounting.moved(self.t.tier, nbytes)
         return Slot(offset, nbytes, padded)
+
+    def _spare_space(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` of a spare host buffer that doubles when full: a few allocations per block, not one per
+        tensor (each would be a ``cudaHostAlloc`` on CUDA)."""
+        if self.spare is None or self.spare_used + nbytes > self.spare.numel():
+            grown = 2 * self.spare.numel() if self.spare is not None else MIN_SPARE
+            self.spare, self.spare_used = aligned_empty(max(nbytes, grown), pin=self.t.cuda), 0
+        start, self.spare_used = self.spare_used, self.spare_used + nbytes
+        return self.spare[start : self.spare_used]
 
     def close(self) -> int:
         """The block's forward ended: let go of the sources once copied; NVMe: start the writes. Returns the
@@ -194,6 +207,7 @@ class Packet:
             self.arena = None
         for slot in self.slots.values():
             slot.host = slot.padded = None
+        self.spare = None
 
     # -- backward -----------------------------------------------------------------------------------------
     def prefetch(self) -> None:

@@ -4,6 +4,7 @@ Cost model, per block j (bytes and seconds from the profile, bandwidths measured
 
     keep       resident S+K                     extra time 0
     recompute  resident I (the kept input)      extra time F (the forward again)
+               + R in its backward (the rerun)
     swap       resident K (small tensors)       extra time: the copies out and back; on CUDA they run on a side
                + S in flight during its forward stream and only the part longer than the next block's forward
                and reloaded ahead of backward   (out) / backward (~2F, in) is paid; on a CPU device all of it
@@ -15,12 +16,15 @@ where S = bytes the block saves (distinct storages), K = those below ``min_bytes
 input, Ts = the part of S saved inside token-parallel children, P = their inputs, F / Ft = forward time of the
 block / of those children. The peak is simulated in the order the bytes are held: in forward, the blocks below
 keep what they keep while block j holds its whole working set; in backward, block j's reload and the prefetch
-of the blocks below come on top of what is still kept. The budget covers the blocks' saved activations (what
+of the blocks below come on top of what is still kept, and so does a recomputed block's rerun (R: everything it
+saves again, less its retained input; for split(a), (1-a) times the largest token-parallel child's saved bytes
+beyond its input, as the children rerun one at a time). The budget covers the blocks' saved activations (what
 the accounting in ``memtrain.telemetry.saved_tensors`` counts for them).
 
 Search: start from keeping everything (the least time); while the peak is over budget, take the change of one
 block's policy that lowers the peak most per second it adds. If that cannot reach the budget, a search that
-only minimizes the peak gives the smallest reachable budget, which the error names.
+only minimizes the peak gives the smallest reachable budget, which the error names. That bound depends on
+bytes alone, so ``check_budget`` computes it from the warm-up forward, before any backward or update.
 """
 from __future__ import annotations
 
@@ -45,6 +49,7 @@ class Option:
     working: float  # held at the end of the block's own forward
     reload: float  # brought back in backward
     extra_s: float  # predicted seconds added to the step
+    rerun: float = 0.0  # re-materialized by a recompute in the block's backward, on top of what is held then
 
 
 @dataclass
@@ -90,7 +95,9 @@ def block_options(profiles: list[BlockProfile], j: int, bw: tuple[float, float],
     S, K = p.saved_bytes, p.small_bytes
     opts = [
         Option(BlockPolicy("keep"), S + K, S + K, 0, 0.0),
-        Option(BlockPolicy("recompute"), p.input_bytes, p.input_bytes, 0, forward),
+        # The rerun re-saves everything the block saved; its own input is held already (the retained input).
+        Option(BlockPolicy("recompute"), p.input_bytes, p.input_bytes, 0, forward,
+               max(S + K - p.input_saved_bytes, 0)),
         Option(BlockPolicy("swap"), K, S + K, S, _transfer_s(S, bw, overlap, window_out, window_in)),
     ]
     if p.token_saved_bytes > 0:
@@ -105,8 +112,10 @@ def block_options(profiles: list[BlockProfile], j: int, bw: tuple[float, float],
             # The recomputed chunk's inputs are saved by the checkpoint inside the block's swap hooks: moved too.
             moved = (S - Ts) + a * Ts + (1 - a) * P
             kept = K
+            # Each token-parallel child reruns its recomputed chunk on its own in backward: the largest counts.
             opts.append(Option(BlockPolicy("split", a), kept, moved + kept, moved,
-                               (1 - a) * token_forward + _transfer_s(moved, bw, overlap, window_out, window_in)))
+                               (1 - a) * token_forward + _transfer_s(moved, bw, overlap, window_out, window_in),
+                               (1 - a) * p.token_rerun_bytes))
     return opts
 
 
@@ -124,7 +133,7 @@ def simulate_peak(options: list[Option], prefetch_blocks: int, overlap: bool = F
         loaded.setdefault(j, options[j].reload)
         for i in range(j - 1, max(-1, j - 1 - prefetch_blocks), -1):
             loaded.setdefault(i, options[i].reload)
-        peak = max(peak, held + sum(loaded.values()))
+        peak = max(peak, held + sum(loaded.values()) + options[j].rerun)
         held -= options[j].resident
         loaded.pop(j, None)
     return peak
@@ -168,6 +177,47 @@ def _search(choices: list[list[Option]], budget: float, prefetch: int, time_matt
     return current
 
 
+def _smallest(choices: list[list[Option]], prefetch: int, overlap: bool) -> tuple[float, list[Option]]:
+    """The least peak the planner can reach, and the plan that reaches it (searched by peak alone)."""
+    candidates = [
+        _search(choices, 0, prefetch, False, overlap),
+        [c[2] for c in choices],  # swap everything
+        [c[1] for c in choices],  # recompute everything
+    ]
+    return min(((simulate_peak(c, prefetch, overlap), c) for c in candidates), key=lambda pc: pc[0])
+
+
+def _peak_choices(profile: Profile) -> list[list[Option]]:
+    """Every block's options at the fixed split fractions: the peaks depend on bytes alone (no timing), so the
+    warm-up forward's bytes give the same smallest reachable budget as the profiled step's."""
+    bw = (1e9, 1e9)
+    return [block_options(profile.blocks, j, bw, False) for j in range(len(profile.blocks))]
+
+
+def _unit(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def unreachable_budget(budget: int, smallest: float) -> ConfigError:
+    need = int(smallest) + 1 if smallest > int(smallest) else int(smallest)
+    return ConfigError(
+        f"activations.memory_budget={budget} bytes ({_unit(budget)}) cannot be reached: the smallest budget any plan "
+        f"reaches for these blocks is {need} bytes ({_unit(need)}); set activations.memory_budget to at least "
+        f"{need} bytes, or shorten the sequence / micro-batch"
+    )
+
+
+def check_budget(profile: Profile, config: ActivationsConfig, device: torch.device) -> None:
+    """Raise ConfigError naming the smallest reachable budget if ``config.memory_budget`` is below it."""
+    budget = int(config.memory_budget or 0)
+    smallest, _ = _smallest(_peak_choices(profile), config.prefetch_blocks, device.type == "cuda")
+    if smallest > budget:
+        raise unreachable_budget(budget, smallest)
+
+
 def make_plan(profile: Profile, config: ActivationsConfig, device: torch.device,
               probe: Callable[[int], tuple[float, float]]) -> Plan:
     blocks = profile.blocks
@@ -178,23 +228,15 @@ def make_plan(profile: Profile, config: ActivationsConfig, device: torch.device,
     budget = int(config.memory_budget or 0)
     chosen = _search(choices, budget, config.prefetch_blocks, True, overlap)
     peak = simulate_peak(chosen, config.prefetch_blocks, overlap)
-    if peak > budget:
-        candidates = [
-            _search(choices, 0, config.prefetch_blocks, False, overlap),
-            [c[2] for c in choices],  # swap everything
-            [c[1] for c in choices],  # recompute everything
-        ]
-        smallest = min(simulate_peak(c, config.prefetch_blocks, overlap) for c in candidates)
-        for c in candidates:
-            if simulate_peak(c, config.prefetch_blocks, overlap) <= budget:
-                chosen, peak = c, simulate_peak(c, config.prefetch_blocks, overlap)
-                break
-        else:
-            raise ConfigError(
-                f"activations.memory_budget={budget} bytes ({budget / 2**20:.2f} MiB) cannot be reached: the smallest "
-                f"budget any plan reaches for these blocks is {int(smallest)} bytes ({smallest / 2**20:.2f} MiB); "
-                "raise the budget, or shorten the sequence / micro-batch"
-            )
+    if peak > budget:  # the time-driven search missed: the plans of least peak (what check_budget found too)
+        fixed = _smallest(_peak_choices(profile), config.prefetch_blocks, overlap)[1]
+        candidates = [_smallest(choices, config.prefetch_blocks, overlap)[1],
+                      [next(o for o in choices[j] if o.policy == f.policy) for j, f in enumerate(fixed)]]
+        peaks = [simulate_peak(c, config.prefetch_blocks, overlap) for c in candidates]
+        fitting = [(sum(o.extra_s for o in c), p, c) for p, c in zip(peaks, candidates) if p <= budget]
+        if not fitting:
+            raise unreachable_budget(budget, min(peaks))
+        _, peak, chosen = min(fitting, key=lambda t: t[:2])
     base = sum(max(b.forward_s - b.move_s, 0.0) * 3 for b in blocks)  # forward + ~2x in backward
     rows = []
     for j, (o, b) in enumerate(zip(chosen, blocks)):

@@ -4,8 +4,9 @@ Layout of ``<path>/``:
   ``__<rank>_0.distcp``, ``.metadata``  torch.distributed.checkpoint shards (any world size can load them)
   ``meta.pt``                            job-wide values (step, config, Lightning's loop state), from rank 0
   ``rank<r>.pt``                         per-rank values (RNG states, data-loader position)
-The small files are written first (atomically: temp, fsync, rename); DCP writes ``.metadata`` last, so a
-folder with ``.metadata`` is complete.
+  ``checksums.json``                     crc32 and size of every file above, checked before loading
+The folder is written aside and committed by one rename (``memtrain.checkpoint.durable``): a crash mid-save
+leaves the previous checkpoint of that name intact.
 """
 from __future__ import annotations
 
@@ -18,17 +19,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from memtrain.checkpoint.durable import load_verified, write_checkpoint
+
 META_FILE = "meta.pt"
 DCP_METADATA = ".metadata"
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
@@ -51,26 +45,16 @@ def save_sharded(
     tensors: dict[str, Any],
     meta: dict[str, Any] | None = None,
     rank_state: dict[str, Any] | None = None,
+    group: Any = None,
 ) -> None:
     """Collective: every rank calls it with its own shards. ``meta`` is taken from rank 0."""
-    path = Path(path)
-    if _rank() == 0:
-        path.mkdir(parents=True, exist_ok=True)
-        # Overwriting in place: drop the commit marker first so a crash mid-save never looks complete.
-        (path / DCP_METADATA).unlink(missing_ok=True)
-    _barrier()
-    if rank_state is not None:
-        atomic_torch_save(rank_state, path / f"rank{_rank()}.pt")
-    if meta is not None and _rank() == 0:
-        atomic_torch_save(meta, path / META_FILE)
-    _barrier()
-    dcp.save(tensors, checkpoint_id=path)
+    write_checkpoint(path, tensors, meta, rank_state, group)
 
 
 def load_sharded(
-    path: str | Path, tensors: dict[str, Any]
+    path: str | Path, tensors: dict[str, Any], group: Any = None
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Collective: read the shards into ``tensors`` (in place). Returns (meta, this rank's state or None).
+    """Collective: verify, then read the shards into ``tensors`` (in place). Returns (meta, this rank's state or None).
 
     The rank state is None when the checkpoint was written by a different world size (its per-rank
     values, such as the data position, then do not apply).
@@ -78,10 +62,11 @@ def load_sharded(
     path = Path(path)
     if not is_complete_checkpoint(path):
         raise FileNotFoundError(f"{path} is not a complete memtrain checkpoint (no {DCP_METADATA} in it)")
-    dcp.load(tensors, checkpoint_id=path)
+    load_verified(path, tensors, group)
     meta = torch.load(path / META_FILE, weights_only=False) if (path / META_FILE).is_file() else {}
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    rank_file = path / f"rank{_rank()}.pt"
+    world = dist.get_world_size(group) if dist.is_initialized() else 1
+    rank = dist.get_rank(group) if dist.is_initialized() else 0
+    rank_file = path / f"rank{rank}.pt"
     same_world = meta.get("world_size", world) == world
     rank_state = torch.load(rank_file, weights_only=False) if same_world and rank_file.is_file() else None
     return meta, rank_state

@@ -91,6 +91,8 @@ class OffloadedAdam:
         self._stepped_in_backward: set[int] = set()
         self._sq_norms: dict[int, torch.Tensor] = {}
         self._staging: DeviceStaging | None = None  # made on the first update of parameters on a GPU
+        # Called before any state is updated (a pending checkpoint snapshot must finish copying first).
+        self.before_update: Callable[[], None] | None = None
         zero1 = zero1_state(optimizer)
         if zero1 is not None:  # ZeRO-1 sets this rank's shards and their gradients up, we step them, it gathers
             zero1._inner_step = self.step_units
@@ -158,6 +160,8 @@ class OffloadedAdam:
         live = [e for e in unit.entries if e.param.grad is not None]
         if not live:
             return
+        if self.before_update is not None:
+            self.before_update()
         if unit.params is not None and self.params is not None:
             self.params.for_update(unit.params)
         try:

@@ -14,7 +14,7 @@ Contenders, per sequence length (one fresh model each, same seed and data):
 
 Columns: ``resident`` = the peak of saved-activation bytes held on the compute device over one step (forward and
 backward), counted by ``memtrain.telemetry``'s saved-tensor accounting for every contender (the whole model:
-blocks, embedding and head); ``cuda peak`` = ``torch.cuda.max_memory_allocated`` over the step minus what was
+blocks, embedding and head; a recomputed block's rerun in backward included); ``cuda peak`` = ``torch.cuda.max_memory_allocated`` over the step minus what was
 allocated before it (GPU only); ``step`` = median seconds per training step (forward, backward, AdamW) over
 ``--steps`` steps after ``--warmup`` (auto profiles and plans during the warm-up), the contenders timed
 round-robin (one step of each in turn); the auto contenders run in a second round beside the no-policy and
@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.checkpoint import checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from memtrain.activations import apply_activations  # noqa: E402
+from memtrain.activations.recompute import recompute  # noqa: E402
 from memtrain.config import ActivationsConfig  # noqa: E402
 from memtrain.models import GPT, GPTConfig  # noqa: E402
 from memtrain.telemetry import SavedTensorAccounting, count_saved_tensors  # noqa: E402
@@ -55,10 +55,12 @@ def batches(cfg: GPTConfig, batch: int, n: int, device: torch.device) -> list[tu
     return out
 
 
-def wrap_full_recompute(model: GPT) -> None:
+def wrap_full_recompute(model: GPT, accounting: SavedTensorAccounting) -> None:
+    """torch.utils.checkpoint (non-reentrant) on every block, through memtrain's ``recompute`` only so that the
+    rerun's re-saved tensors are counted as they are for memtrain's contenders (the hooks outside cannot see them)."""
     for block in model.blocks:
         original = block.forward
-        block.forward = lambda x, _f=original: checkpoint(_f, x, use_reentrant=False)
+        block.forward = lambda x, _f=original: recompute(_f, (x,), {}, accounting)
 
 
 class Contender:
@@ -73,7 +75,7 @@ class Contender:
         self.manager = None
         self.accounting = SavedTensorAccounting()
         if name == "recompute":
-            wrap_full_recompute(self.model)
+            wrap_full_recompute(self.model, self.accounting)
         elif policy is not None:
             self.manager = apply_activations(self.model, ActivationsConfig(**policy))
             if not blocks_apart:  # the blocks count themselves; the rest is counted around them, same total

@@ -1,0 +1,319 @@
+"""Snapshots in one process: the keeper (permissions, uid check, death), slots, durable folders, a soak test."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from torch import nn
+
+from memtrain.checkpoint import durable
+from memtrain.checkpoint.keeper import KeeperClient, socket_path
+from memtrain.checkpoint.layout import flatten, unflatten
+from memtrain.checkpoint.manager import CheckpointManager
+from memtrain.config import CheckpointConfig, ConfigError, MemTrainConfig
+
+
+def _model_and_optimizer(seed: int = 0) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Linear(32, 4))
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+
+def _train_step(model: nn.Module, optimizer: torch.optim.Optimizer, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x, y = torch.randn(8, 16, generator=g), torch.randn(8, 4, generator=g)
+    nn.functional.mse_loss(model(x), y).backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+def _manager(tmp_path: Path, **overrides) -> CheckpointManager:
+    config = CheckpointConfig(**{"snapshot_every_n_steps": 1, "keeper_dir": str(tmp_path / "keeper"),
+                                 "keeper_idle_timeout_s": 30.0, **overrides})
+    return CheckpointManager(config, "test", rank=0, world=1, ranks_per_node=1, device_type="cpu")
+
+
+def _keeper_pid(tmp_path: Path) -> int:
+    client = KeeperClient(socket_path(tmp_path / "keeper", "test", 0), 30.0, start=False)
+    try:
+        return client.ping()["pid"]
+    finally:
+        client.close()
+
+
+def _assert_states_equal(a: nn.Module, b: nn.Module) -> None:
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_config_errors_name_the_key() -> None:
+    with pytest.raises(ConfigError, match="checkpoint.redundancy"):
+        MemTrainConfig.from_dict({"checkpoint": {"snapshot_every_n_steps": 1, "redundancy": "raid"}})
+    with pytest.raises(ConfigError, match="checkpoint.dirpath"):
+        MemTrainConfig.from_dict({"checkpoint": {"snapshot_every_n_steps": 1, "persist_every_n_snapshots": 2}})
+    with pytest.raises(ConfigError, match="snapshots are off"):
+        MemTrainConfig.from_dict({"checkpoint": {"redundancy": "replica"}})
+    with pytest.raises(ConfigError, match="checkpoint.snapshot_every_n_steps"):
+        MemTrainConfig.from_dict({"checkpoint": {"snapshot_every_n_steps": -1}})
+
+
+def test_replica_redundancy_on_one_node_is_refused(tmp_path: Path) -> None:
+    config = CheckpointConfig(snapshot_every_n_steps=1, redundancy="replica", keeper_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="one node"):
+        CheckpointManager(config, "test", rank=0, world=2, ranks_per_node=2, device_type="cpu")
+
+
+def test_layout_round_trip_keeps_values_and_structure() -> None:
+    model, optimizer = _model_and_optimizer()
+    _train_step(model, optimizer, 0)
+    state = _state(model, optimizer)
+    skeleton, tensors, layout = flatten(state)
+    flat = torch.zeros(layout.data_bytes, dtype=torch.uint8)
+    for view, tensor in zip(layout.views(flat), tensors):
+        view.copy_(tensor)
+    rebuilt = unflatten(skeleton, layout.views(flat))
+    assert rebuilt["optimizer"]["param_groups"] == state["optimizer"]["param_groups"]
+    for key, value in state["model"].items():
+        assert torch.equal(rebuilt["model"][key], value), key
+    assert all(e.offset % 64 == 0 for e in layout.entries)
+    # Same shapes give the same digest; another shape does not.
+    other_model, other_opt = _model_and_optimizer(seed=1)
+    _train_step(other_model, other_opt, 1)
+    assert flatten(_state(other_model, other_opt))[2].digest == layout.digest
+    other_model[0] = nn.Linear(16, 32, bias=False)
+    assert flatten({"model": other_model.state_dict()})[2].digest != layout.digest
+
+
+def test_snapshot_survives_the_trainer_and_restores_bitwise(tmp_path: Path) -> None:
+    """A trainer process snapshots and is SIGKILLed; a new process restores from the keeper it left behind."""
+    script = f"""
+import os, sys, torch
+sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+from tests.test_checkpoint_snapshots import _manager, _model_and_optimizer, _train_step, _state
+from pathlib import Path
+manager = _manager(Path({str(tmp_path)!r}))
+model, optimizer = _model_and_optimizer()
+for step in range(1, 4):
+    _train_step(model, optimizer, step)
+    manager.snapshot(step, _state(model, optimizer), meta={{"step": step}}, rank_state={{"rng": torch.get_rng_state()}},
+                     stable_now=[f"model.{{n}}" for n, _ in model.named_buffers()])
+manager.wait()
+torch.save(model.state_dict(), {str(tmp_path / "want.pt")!r})
+print("ready", flush=True)
+import time; time.sleep(60)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    keeper = _keeper_pid(tmp_path)
+    try:
+        model, optimizer = _model_and_optimizer(seed=5)
+        _train_step(model, optimizer, 99)  # a different state of the same shapes
+        manager = _manager(tmp_path)
+        restored = manager.restore(_state(model, optimizer))
+        assert restored is not None and restored.step == 3 and restored.source == "keeper"
+        assert restored.meta == {"step": 3}
+        model.load_state_dict(restored.state["model"])
+        optimizer.load_state_dict(restored.state["optimizer"])
+        want = torch.load(tmp_path / "want.pt", weights_only=True)
+        for name, value in want.items():
+            assert torch.equal(model.state_dict()[name], value), name
+        # Both continue identically from here: the optimizer state came back too.
+        twin, twin_opt = _model_and_optimizer()
+        for step in range(1, 4):
+            _train_step(twin, twin_opt, step)
+        _train_step(model, optimizer, 4)
+        _train_step(twin, twin_opt, 4)
+        _assert_states_equal(model, twin)
+        manager.close(finished=True)
+    finally:
+        os.kill(keeper, signal.SIGKILL)
+
+
+def test_keeper_memory_is_private() -> None:
+    # Under /tmp itself, not pytest's 0700 folders: the other-user probe below must be able to reach it.
+    tmp_path = Path(tempfile.mkdtemp(prefix="memtrain-keeper-test-"))
+    client = KeeperClient(socket_path(tmp_path / "keeper", "test", 0), 30.0)
+    try:
+        assert (os.stat(tmp_path / "keeper").st_mode & 0o777) == 0o700
+        assert (os.stat(socket_path(tmp_path / "keeper", "test", 0)).st_mode & 0o777) == 0o600
+        buffer, created = client.open("rank0/own/0", 8192)
+        assert created
+        pid = client.ping()["pid"]
+        segments = [f"/proc/{pid}/fd/{n}" for n in os.listdir(f"/proc/{pid}/fd")
+                    if "memfd:memtrain-rank0/own/0" in os.readlink(f"/proc/{pid}/fd/{n}")]
+        assert len(segments) == 1  # anonymous shared memory: no file anyone could open by name
+        assert (os.stat(segments[0]).st_mode & 0o777) == 0o600
+        if os.getuid() != 0:
+            pytest.skip("the other-user check needs root (to run a process as another user)")
+        # Another user who reaches the socket anyway (folder opened up) gets nothing: the keeper checks its uid.
+        os.chmod(tmp_path / "keeper", 0o777)
+        os.chmod(socket_path(tmp_path / "keeper", "test", 0), 0o777)
+        os.chmod(tmp_path, 0o777)
+        probe = f"""
+import os, socket, json
+os.setgid(65534); os.setuid(65534)
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect({str(socket_path(tmp_path / "keeper", "test", 0))!r})
+try:
+    s.sendall(json.dumps({{"op": "get", "name": "rank0/own/0"}}).encode())
+    data, fds, _, _ = socket.recv_fds(s, 65536, 1)
+except OSError:
+    data, fds = b"", []
+print("refused" if not data and not fds else "served")
+"""
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        assert out.stdout.strip() == "refused", out.stdout + out.stderr
+    finally:
+        client.shutdown()
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_dead_keeper_is_replaced_and_refilled(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    manager = _manager(tmp_path)
+    _train_step(model, optimizer, 1)
+    manager.snapshot(1, _state(model, optimizer))
+    manager.wait()
+    first = _keeper_pid(tmp_path)
+    os.kill(first, signal.SIGKILL)
+    time.sleep(0.2)
+    _train_step(model, optimizer, 2)
+    manager.snapshot(2, _state(model, optimizer))
+    manager.wait()
+    second = _keeper_pid(tmp_path)
+    assert second != first
+    restarted = _manager(tmp_path)
+    restored = restarted.restore(_state(*_model_and_optimizer()))
+    # The template has no optimizer state (no step yet): its layout differs, so the snapshot is not used.
+    assert restored is None
+    twin, twin_opt = _model_and_optimizer(seed=3)
+    _train_step(twin, twin_opt, 7)
+    restored = restarted.restore(_state(twin, twin_opt))
+    assert restored is not None and restored.step == 2
+    restarted.close()
+    manager.close(finished=True)
+
+
+def test_durable_flush_commits_checksums_and_retains(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    manager = _manager(tmp_path, keeper=False, dirpath=str(tmp_path / "durable"), persist_every_n_snapshots=2,
+                       keep_latest_k=2)
+    for step in range(1, 9):
+        _train_step(model, optimizer, step)
+        manager.snapshot(step, _state(model, optimizer), meta={"step": step})
+    manager.wait()
+    assert [s for s, _ in durable.committed_steps(tmp_path / "durable")] == [8, 6]
+    assert sorted(p.name for p in (tmp_path / "durable").iterdir()) == ["step-6", "step-8"]
+    sums = json.loads((tmp_path / "durable" / "step-8" / durable.CHECKSUMS).read_text())
+    assert {".metadata", "meta.pt", "__0_0.distcp"} <= set(sums)
+    status = manager.status()
+    assert status["in_memory_step"] == 8 and status["durable_steps"] == [8, 6]
+    manager.close()
+
+    # A corrupt shard is detected and the previous checkpoint is used.
+    shard = tmp_path / "durable" / "step-8" / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    fresh, fresh_opt = _model_and_optimizer(seed=4)
+    _train_step(fresh, fresh_opt, 50)
+    restarted = _manager(tmp_path, keeper=False, dirpath=str(tmp_path / "durable"), persist_every_n_snapshots=2)
+    restored = restarted.restore(_state(fresh, fresh_opt))
+    assert restored is not None and restored.step == 6 and restored.source == "durable"
+    twin, twin_opt = _model_and_optimizer()
+    for step in range(1, 7):
+        _train_step(twin, twin_opt, step)
+    fresh.load_state_dict(restored.state["model"])
+    _assert_states_equal(fresh, twin)
+    restarted.close()
+
+
+def test_torn_folder_is_ignored_and_replacing_a_name_is_atomic(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    durable.write_checkpoint(tmp_path / "step-1", _state(model, optimizer), {"step": 1}, None)
+    torn = tmp_path / ".step-2.tmp"  # a flush killed midway: never committed
+    torn.mkdir()
+    (torn / "__0_0.distcp").write_bytes(b"partial")
+    assert [s for s, _ in durable.committed_steps(tmp_path)] == [1]
+    # Writing over a committed name swaps folders: the new one is complete, the old one is gone.
+    _train_step(model, optimizer, 1)
+    durable.write_checkpoint(tmp_path / "step-1", _state(model, optimizer), {"step": 1, "again": True}, None)
+    durable.verify(tmp_path / "step-1")
+    assert torch.load(tmp_path / "step-1" / "meta.pt", weights_only=False)["again"]
+    assert durable.retain(tmp_path, 3) == []  # it may still be in progress: nothing newer is committed
+    durable.write_checkpoint(tmp_path / "step-3", _state(model, optimizer), {"step": 3}, None)
+    assert durable.retain(tmp_path, 3) == [torn]  # older than a commit: abandoned
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="mounting a small tmpfs needs root")
+def test_full_disk_keeps_training_and_earlier_checkpoints(tmp_path: Path) -> None:
+    disk = tmp_path / "small"
+    disk.mkdir()
+    model, optimizer = _model_and_optimizer()
+    _train_step(model, optimizer, 0)
+    durable.write_checkpoint(tmp_path / "probe", _state(model, optimizer), {"step": 0}, None)
+    size = sum(f.stat().st_size for f in (tmp_path / "probe").iterdir())
+    # Room for one checkpoint and a half: the first commits, the second runs out of room midway.
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={int(size * 1.5)}", "tmpfs", str(disk)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        manager = _manager(tmp_path, keeper=False, dirpath=str(disk), persist_every_n_snapshots=1, keep_latest_k=5)
+        with pytest.warns(UserWarning, match="not written"):
+            for step in range(1, 6):
+                _train_step(model, optimizer, step)
+                manager.snapshot(step, _state(model, optimizer), meta={"step": step})
+                manager.wait()
+        status = manager.status()
+        assert status["in_memory_step"] == 5 and status["flush_errors"]
+        kept = durable.committed_steps(disk)
+        assert kept and all(s < 5 for s, _ in kept)
+        for _, path in kept:
+            durable.verify(path)
+        assert not [p for p in disk.iterdir() if p.name.endswith(".tmp")]  # the failed write was cleaned up
+        manager.close()
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_soak_no_growth_of_memory_or_descriptors(tmp_path: Path) -> None:
+    model, optimizer = _model_and_optimizer()
+    manager = _manager(tmp_path, dirpath=str(tmp_path / "durable"), persist_every_n_snapshots=10, keep_latest_k=2)
+    me = psutil.Process()
+
+    def cycles(first: int, count: int) -> None:
+        for step in range(first, first + count):
+            _train_step(model, optimizer, step)
+            manager.snapshot(step, _state(model, optimizer), meta={"step": step})
+        manager.wait()
+
+    cycles(1, 60)  # warm: slots, keeper connection, flush thread, DCP's first-use allocations
+    rss, fds = me.memory_info().rss, me.num_fds()
+    cycles(61, 300)
+    growth = me.memory_info().rss - rss
+    assert me.num_fds() <= fds, (fds, me.num_fds())
+    assert growth < 16 << 20, growth  # 300 snapshots, 30 durable flushes
+    assert len(durable.committed_steps(tmp_path / "durable")) == 2
+    pid = _keeper_pid(tmp_path)
+    manager.close(finished=True)
+    for _ in range(50):  # holding nothing, the keeper goes
+        if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError("the keeper did not exit after the job let go of its snapshots")
