@@ -212,9 +212,12 @@ class Engine:
         into model and optimizer; None when there is none (or snapshots are off)."""
         if self.checkpoints is None:
             return None
-        restored = self.checkpoints.restore(self._template(model, optimizer))
+        fresh = not optimizer.state
+        restored = self.checkpoints.restore(lambda: self._template(model, optimizer))
         if restored is not None:
             self._apply_loaded(model, optimizer, restored.state, restored.rank_state)
+        elif fresh:  # the template's zero-gradient step made state (Adam's step count): the first step must not see it
+            optimizer.state.clear()
         return restored
 
     @staticmethod

@@ -27,6 +27,7 @@ from memtrain import Engine, MemTrainConfig
 from memtrain.checkpoint.sharded import atomic_torch_save
 from memtrain.cli.gpt_module import warmup_cosine
 from memtrain.cli.train import CONFIG_DIR, memtrain_config, run_id
+from memtrain.distributed import init_process_group
 from memtrain.data import ByteCorpus, ResumableDistributedSampler, build_stdlib_corpus
 from memtrain.models import GPT, GPTConfig
 
@@ -72,7 +73,7 @@ def train(cfg: DictConfig, plain: bool = False) -> dict[str, Any]:
 
     engine = None
     if not plain:
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        init_process_group("nccl" if use_cuda else "gloo")  # safe across torchrun's restarts
         engine = Engine.create(config, world, local_world, device.type)
     torch.manual_seed(cfg.seed)
     model = GPT(GPTConfig(**OmegaConf.to_container(cfg.model, resolve=True))).to(device)

@@ -41,6 +41,13 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     return {"model": model.state_dict(), "optimizer": optimizer.state_dict()}
 
 
+def _snapshot(manager: CheckpointManager, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+              **kwargs) -> None:
+    # Batch-norm statistics change in the next forward: copied before snapshot() returns (as the engine does).
+    manager.snapshot(step, _state(model, optimizer), stable_now=[f"model.{n}" for n, _ in model.named_buffers()],
+                     **kwargs)
+
+
 def _manager(tmp_path: Path, **overrides) -> CheckpointManager:
     config = CheckpointConfig(**{"snapshot_every_n_steps": 1, "keeper_dir": str(tmp_path / "keeper"),
                                  "keeper_idle_timeout_s": 30.0, **overrides})
@@ -125,7 +132,7 @@ import time; time.sleep(60)
         model, optimizer = _model_and_optimizer(seed=5)
         _train_step(model, optimizer, 99)  # a different state of the same shapes
         manager = _manager(tmp_path)
-        restored = manager.restore(_state(model, optimizer))
+        restored = manager.restore(lambda: _state(model, optimizer))
         assert restored is not None and restored.step == 3 and restored.source == "keeper"
         assert restored.meta == {"step": 3}
         model.load_state_dict(restored.state["model"])
@@ -188,23 +195,23 @@ def test_dead_keeper_is_replaced_and_refilled(tmp_path: Path) -> None:
     model, optimizer = _model_and_optimizer()
     manager = _manager(tmp_path)
     _train_step(model, optimizer, 1)
-    manager.snapshot(1, _state(model, optimizer))
+    _snapshot(manager, 1, model, optimizer)
     manager.wait()
     first = _keeper_pid(tmp_path)
     os.kill(first, signal.SIGKILL)
     time.sleep(0.2)
     _train_step(model, optimizer, 2)
-    manager.snapshot(2, _state(model, optimizer))
+    _snapshot(manager, 2, model, optimizer)
     manager.wait()
     second = _keeper_pid(tmp_path)
     assert second != first
     restarted = _manager(tmp_path)
-    restored = restarted.restore(_state(*_model_and_optimizer()))
+    restored = restarted.restore(lambda: _state(*_model_and_optimizer()))
     # The template has no optimizer state (no step yet): its layout differs, so the snapshot is not used.
     assert restored is None
     twin, twin_opt = _model_and_optimizer(seed=3)
     _train_step(twin, twin_opt, 7)
-    restored = restarted.restore(_state(twin, twin_opt))
+    restored = restarted.restore(lambda: _state(twin, twin_opt))
     assert restored is not None and restored.step == 2
     restarted.close()
     manager.close(finished=True)
@@ -216,7 +223,7 @@ def test_durable_flush_commits_checksums_and_retains(tmp_path: Path) -> None:
                        keep_latest_k=2)
     for step in range(1, 9):
         _train_step(model, optimizer, step)
-        manager.snapshot(step, _state(model, optimizer), meta={"step": step})
+        _snapshot(manager, step, model, optimizer, meta={"step": step})
     manager.wait()
     assert [s for s, _ in durable.committed_steps(tmp_path / "durable")] == [8, 6]
     assert sorted(p.name for p in (tmp_path / "durable").iterdir()) == ["step-6", "step-8"]
@@ -234,7 +241,7 @@ def test_durable_flush_commits_checksums_and_retains(tmp_path: Path) -> None:
     fresh, fresh_opt = _model_and_optimizer(seed=4)
     _train_step(fresh, fresh_opt, 50)
     restarted = _manager(tmp_path, keeper=False, dirpath=str(tmp_path / "durable"), persist_every_n_snapshots=2)
-    restored = restarted.restore(_state(fresh, fresh_opt))
+    restored = restarted.restore(lambda: _state(fresh, fresh_opt))
     assert restored is not None and restored.step == 6 and restored.source == "durable"
     twin, twin_opt = _model_and_optimizer()
     for step in range(1, 7):
@@ -277,7 +284,7 @@ def test_full_disk_keeps_training_and_earlier_checkpoints(tmp_path: Path) -> Non
         with pytest.warns(UserWarning, match="not written"):
             for step in range(1, 6):
                 _train_step(model, optimizer, step)
-                manager.snapshot(step, _state(model, optimizer), meta={"step": step})
+                _snapshot(manager, step, model, optimizer, meta={"step": step})
                 manager.wait()
         status = manager.status()
         assert status["in_memory_step"] == 5 and status["flush_errors"]
@@ -299,7 +306,7 @@ def test_soak_no_growth_of_memory_or_descriptors(tmp_path: Path) -> None:
     def cycles(first: int, count: int) -> None:
         for step in range(first, first + count):
             _train_step(model, optimizer, step)
-            manager.snapshot(step, _state(model, optimizer), meta={"step": step})
+            _snapshot(manager, step, model, optimizer, meta={"step": step})
         manager.wait()
 
     cycles(1, 60)  # warm: slots, keeper connection, flush thread, DCP's first-use allocations

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import hashlib
 import json
 import mmap
 import os
@@ -36,8 +37,18 @@ def default_keeper_dir() -> Path:
     return Path(f"/tmp/memtrain-{os.getuid()}")
 
 
+_MAX_SOCKET_PATH = 100  # bytes; Unix socket addresses hold 108, and the keeper binds a temporary name first
+
+
 def socket_path(keeper_dir: str | Path | None, job: str, node: int) -> Path:
-    return Path(keeper_dir or default_keeper_dir()) / f"{job}-node{node}.sock"
+    folder = Path(keeper_dir or default_keeper_dir())
+    path = folder / f"{job}-node{node}.sock"
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:  # long job ids (torchrun's uuids) under a deep folder
+        path = folder / f"{hashlib.sha1(job.encode()).hexdigest()[:12]}-node{node}.sock"
+    if len(os.fsencode(path)) > _MAX_SOCKET_PATH:
+        raise ValueError(f"checkpoint.keeper_dir={str(folder)!r} is too long for a Unix socket path (the socket "
+                         f"would be {path}); choose a shorter folder")
+    return path
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -57,7 +68,7 @@ class Keeper:
 
     def serve(self) -> None:
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        tmp = self.path.with_name(self.path.name + f".{os.getpid()}")
+        tmp = self.path.with_name(f".{os.getpid()}.tmp")
         server.bind(str(tmp))
         os.chmod(tmp, 0o600)
         server.listen(64)

@@ -18,7 +18,7 @@ import pickle
 import threading
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -286,18 +286,24 @@ class CheckpointManager:
                 "flush_errors": list(self.stats.flush_errors)}
 
     # -- recovery ---------------------------------------------------------------------------------------------
-    def restore(self, template: dict[str, Any]) -> Restored | None:
-        """Collective: fill ``template`` (the live training state, as for a checkpoint load) from the newest
-        step every rank can get: own keeper, then peers' replicas, then durable checkpoints. None: nothing."""
+    def restore(self, make_template: Callable[[], dict[str, Any]]) -> Restored | None:
+        """Collective: fill the template (the live training state, as for a checkpoint load; made only when
+        there is something to restore) from the newest step every rank can get: own keeper, then peers'
+        replicas, then durable checkpoints. None: nothing to restore."""
         start = time.perf_counter()
-        skeleton, tensors, layout = flatten(template)
-        own: dict[int, tuple[Slot, SlotHeader]] = {}
+        own_headers = {}
         for i in range(OWN_SLOTS):
             slot = self.store.find(own_name(self.rank, i))
             header = None if slot is None else slot.header()
-            if header is not None and header.digest == layout.digest:
-                own[header.step] = (slot, header)
+            if header is not None:
+                own_headers[header.step] = (slot, header)
         held = self.replicator.held() if self.replicator is not None else {}
+        durable_steps = durable.committed_steps(self.config.dirpath) if self.config.dirpath and self.rank == 0 else []
+        if not any(durable._gather(bool(own_headers or held or durable_steps), self.group)):
+            return None  # a fresh start: the template (which initializes optimizer state) is not even made
+        template = make_template()
+        skeleton, tensors, layout = flatten(template)
+        own = {step: (slot, header) for step, (slot, header) in own_headers.items() if header.digest == layout.digest}
         mine = {"own": sorted(own), "held": {s: slot.header().digest for s, slot in held.items()},  # type: ignore[union-attr]
                 "digest": layout.digest}
         everyone = durable._gather(mine, self.group)

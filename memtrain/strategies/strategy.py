@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.distributed.fsdp import register_fsdp_forward_method
 from typing_extensions import override
 
+from memtrain.distributed import init_process_group, restartable_by_torchelastic
 from memtrain.checkpoint.sharded import load_sharded, save_sharded
 from memtrain.checkpoint.state import (
     load_model_state,
@@ -246,9 +247,12 @@ def strategy_class(namespace: str) -> type:
                 self._process_group_backend = fabric_distributed._get_default_process_group_backend_for_device(
                     self.root_device
                 )
-            fabric_distributed._init_dist_connection(
-                self.cluster_environment, self._process_group_backend, timeout=self._timeout
-            )
+            if restartable_by_torchelastic():  # torchrun --max-restarts: each attempt meets under its own prefix
+                init_process_group(self._process_group_backend, timeout=self._timeout)
+            else:
+                fabric_distributed._init_dist_connection(
+                    self.cluster_environment, self._process_group_backend, timeout=self._timeout
+                )
             self._engine = Engine(self.memtrain_config, build_mesh(plan, self.root_device.type))
 
         def _set_world_ranks(self) -> None:

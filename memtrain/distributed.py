@@ -1,0 +1,33 @@
+"""Starting the default process group so that it also works after torchrun restarts the workers.
+
+Under torchrun the workers meet in the agent's store, and that store outlives a restart of the workers
+(torch 2.13, c10d rendezvous): the restarted ranks can read the addresses the killed ranks had published and
+fail with "Gloo connectFullMesh failed ... Connection refused". Each attempt here meets under its own prefix.
+Outside torchrun this is torch.distributed.init_process_group unchanged.
+"""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
+
+
+def restartable_by_torchelastic() -> bool:
+    """Launched by torchrun with the agent's store (the case this module guards)."""
+    env = os.environ
+    return env.get("TORCHELASTIC_RESTART_COUNT") is not None and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+
+
+def init_process_group(backend: str, timeout: timedelta | None = None) -> None:
+    env = os.environ
+    attempt = env.get("TORCHELASTIC_RESTART_COUNT")
+    if not restartable_by_torchelastic():
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    world = int(env["WORLD_SIZE"])
+    store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout or default_pg_timeout)
+    dist.init_process_group(backend, store=dist.PrefixStore(f"memtrain/attempt_{attempt}", store),
+                            rank=int(env["RANK"]), world_size=world, timeout=timeout)
