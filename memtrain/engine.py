@@ -129,8 +129,10 @@ class Engine:
         if self.config.local_update.enabled:
             self.local_update = apply_local_update(model, optimizer, self.config.local_update, self.mesh)
         if self.config.checkpoint.enabled:
-            self.checkpoints = apply_snapshots(optimizer, self.config.checkpoint, self.job, self.ranks_per_node,
-                                               self.mesh.device_type)
+            if self.checkpoints is None:  # one per job, however many optimizers
+                self.checkpoints = CheckpointManager.for_this_process(self.config.checkpoint, self.job,
+                                                                      self.ranks_per_node, self.mesh.device_type)
+            apply_snapshots(optimizer, self.checkpoints)
         return optimizer
 
     def close(self, finished: bool = False) -> None:
@@ -249,14 +251,8 @@ class Engine:
         return meta, rank_state
 
 
-def apply_snapshots(optimizer: torch.optim.Optimizer, config: Any, job: str, ranks_per_node: int,
-                    device_type: str) -> CheckpointManager:
-    """Snapshots of this job's state; every update of ``optimizer`` first waits for the pending snapshot copy."""
-    import torch.distributed as dist
-
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    manager = CheckpointManager(config, job, rank, world, ranks_per_node, device_type)
+def apply_snapshots(optimizer: torch.optim.Optimizer, manager: CheckpointManager) -> None:
+    """Every update of ``optimizer`` first waits for the pending snapshot copy (the only stall snapshots add)."""
     inner_step = optimizer.step
 
     def step(*args: Any, **kwargs: Any) -> Any:
@@ -267,4 +263,3 @@ def apply_snapshots(optimizer: torch.optim.Optimizer, config: Any, job: str, ran
     offloaded = offload_state(optimizer)
     if offloaded is not None:  # it may update blocks during backward, before step() is called
         offloaded.before_update = manager.wait_copied
-    return manager

@@ -106,6 +106,25 @@ class CheckpointManager:
         self._error: BaseException | None = None
         self.stats = CheckpointStats()
 
+    @classmethod
+    def for_this_process(cls, config: CheckpointConfig, job: str, ranks_per_node: int,
+                         device_type: str) -> CheckpointManager:
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return cls(config, job, rank, world, ranks_per_node, device_type)
+
+    @property
+    def latest_step(self) -> int | None:
+        """The step of the newest snapshot started (its copy may still be running)."""
+        return None if self._last is None else self._last[1]
+
+    def wait_flushes(self) -> None:
+        """Durable writes queued so far are finished (before removing a checkpoint folder, for one)."""
+        for job in list(self._busy.values()):
+            job.result()
+        if self._flush_thread is not None:
+            self._flush_thread.submit(lambda: None).result()
+
     # -- snapshots ----------------------------------------------------------------------------------------------
     def due(self, step: int) -> bool:
         return step % self.config.snapshot_every_n_steps == 0
@@ -271,10 +290,7 @@ class CheckpointManager:
     def wait(self) -> None:
         """Everything in flight (copies, replicas, flushes) finished; re-raises a background error."""
         self.wait_copied()
-        for job in list(self._busy.values()):
-            job.result()
-        if self._flush_thread is not None:
-            self._flush_thread.submit(lambda: None).result()
+        self.wait_flushes()
         self._raise_background_error()
 
     def status(self) -> dict[str, Any]:
@@ -286,7 +302,7 @@ class CheckpointManager:
                 "flush_errors": list(self.stats.flush_errors)}
 
     # -- recovery ---------------------------------------------------------------------------------------------
-    def restore(self, make_template: Callable[[], dict[str, Any]]) -> Restored | None:
+    def restore(self, make_template: Callable[[], dict[str, Any]], use_durable: bool = True) -> Restored | None:
         """Collective: fill the template (the live training state, as for a checkpoint load; made only when
         there is something to restore) from the newest step every rank can get: own keeper, then peers'
         replicas, then durable checkpoints. None: nothing to restore."""
@@ -298,7 +314,8 @@ class CheckpointManager:
             if header is not None:
                 own_headers[header.step] = (slot, header)
         held = self.replicator.held() if self.replicator is not None else {}
-        durable_steps = durable.committed_steps(self.config.dirpath) if self.config.dirpath and self.rank == 0 else []
+        use_durable = use_durable and bool(self.config.dirpath)
+        durable_steps = durable.committed_steps(self.config.dirpath) if use_durable and self.rank == 0 else []
         if not any(durable._gather(bool(own_headers or held or durable_steps), self.group)):
             return None  # a fresh start: the template (which initializes optimizer state) is not even made
         template = make_template()
@@ -309,7 +326,7 @@ class CheckpointManager:
         everyone = durable._gather(mine, self.group)
         step, sources = self._common_step(everyone)
         if step is None:
-            return self._restore_durable(template, start)
+            return self._restore_durable(template, start) if use_durable else None
         # Ranks whose own keeper lost the step get it from the rank that holds their replica.
         for r, source in enumerate(sources):
             if source != "peer":

@@ -13,6 +13,7 @@ import functools
 import importlib
 import os
 import shutil
+import sys
 from collections.abc import Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
@@ -40,6 +41,7 @@ from memtrain.config import ConfigError, MemTrainConfig
 from memtrain.engine import Engine
 from memtrain.local_update import local_update_of
 from memtrain.sharding import build_mesh, check_launched_world
+from memtrain.strategies.snapshot_callback import snapshot_callback_class
 
 
 def _sharding_overrides(zero_stage: int | None, hybrid: bool | None, shard_size: int | None,
@@ -86,11 +88,12 @@ def _activations_overrides(activations: str | Mapping[str, Any] | None,
 
 def build_config(config: MemTrainConfig | Mapping[str, Any] | None, sharding: dict[str, Any],
                  offload: dict[str, Any] | None = None, local_update: Mapping[str, Any] | None = None,
-                 activations: Mapping[str, Any] | None = None) -> MemTrainConfig:
+                 activations: Mapping[str, Any] | None = None,
+                 checkpoint: Mapping[str, Any] | None = None) -> MemTrainConfig:
     """Merge a config (object or mapping) with the strategy's keyword shortcuts; validated once, here."""
     data = config.to_dict() if isinstance(config, MemTrainConfig) else dict(config or {})
     for section, overrides in (("sharding", sharding), ("offload", offload), ("local_update", local_update),
-                               ("activations", activations)):
+                               ("activations", activations), ("checkpoint", checkpoint)):
         if overrides:
             data[section] = {**dict(data.get(section) or {}), **overrides}
     return MemTrainConfig.from_dict(data)
@@ -122,6 +125,7 @@ def strategy_class(namespace: str) -> type:
 
     ParallelStrategy = pl_strategies.ParallelStrategy
     LightningOptimizer = core_optimizer.LightningOptimizer
+    _pl_migrate_checkpoint = importlib.import_module(f"{namespace}.utilities.migration.utils")._pl_migrate_checkpoint
     TrainerFn = trainer_states.TrainerFn
 
     class MemTrainStrategy(ParallelStrategy):
@@ -161,6 +165,7 @@ def strategy_class(namespace: str) -> type:
             local_update: Mapping[str, Any] | None = None,
             activations: str | Mapping[str, Any] | None = None,
             activation_memory_budget: int | str | None = None,
+            checkpoint: Mapping[str, Any] | None = None,
             accelerator: Any = None,
             parallel_devices: list[torch.device] | None = None,
             cluster_environment: Any = None,
@@ -182,6 +187,7 @@ def strategy_class(namespace: str) -> type:
                 _offload_overrides(offload_optimizer, offload_params, nvme_path, host_memory_budget),
                 local_update,
                 _activations_overrides(activations, activation_memory_budget),
+                checkpoint,
             )
             self._process_group_backend = process_group_backend
             self._timeout = timeout
@@ -253,7 +259,8 @@ def strategy_class(namespace: str) -> type:
                 fabric_distributed._init_dist_connection(
                     self.cluster_environment, self._process_group_backend, timeout=self._timeout
                 )
-            self._engine = Engine(self.memtrain_config, build_mesh(plan, self.root_device.type))
+            self._engine = Engine(self.memtrain_config, build_mesh(plan, self.root_device.type),
+                                  ranks_per_node=self.num_processes)
 
         def _set_world_ranks(self) -> None:
             if self.cluster_environment is not None:
@@ -291,11 +298,76 @@ def strategy_class(namespace: str) -> type:
                 self.optimizers = [self.engine.prepare_optimizer(o, self.model, max_grad_norm) for o in self.optimizers]
                 fabric_optimizer._optimizers_to_device(self.optimizers, self.root_device)
             self.setup_precision_plugin()
+            if self._engine is not None and self._engine.checkpoints is not None:
+                self._setup_snapshots(trainer)
             stage = self.memtrain_config.sharding
             rank_zero_info(
                 f"memtrain: ZeRO stage {stage.stage}{' hybrid' if stage.hybrid else ''} on mesh "
                 f"{tuple(self.engine.mesh.shape)} {self.engine.mesh.mesh_dim_names}"
             )
+
+        def _setup_snapshots(self, trainer: Any) -> None:
+            """Snapshot after every n-th optimizer step (a callback that runs before ModelCheckpoint), and let
+            ``fit()`` resume by itself from the newest snapshot the keepers or peers hold (or, when no
+            ``ckpt_path`` is given, from the newest durable checkpoint in ``checkpoint.dirpath``)."""
+            trainer.callbacks.insert(0, snapshot_callback_class(namespace)(self))
+            connector = trainer._checkpoint_connector
+            resume_start = connector.resume_start
+
+            def resume_from_snapshot_first(checkpoint_path: Any = None, weights_only: bool | None = None) -> None:
+                manager = self.engine.checkpoints
+                assert manager is not None and self.model is not None
+                if trainer.state.fn == TrainerFn.FITTING:
+                    fresh = [not o.state for o in self._raw_optimizers()]
+                    restored = manager.restore(self._checkpoint_template, use_durable=checkpoint_path is None)
+                    if restored is not None:
+                        self._load_into_live(restored.state, restored.rank_state)
+                        connector._ckpt_path = restored.path or f"memtrain snapshot of step {restored.step}"
+                        connector._loaded_checkpoint = _pl_migrate_checkpoint(dict(restored.meta), None)
+                        return
+                    for optimizer, was_fresh in zip(self._raw_optimizers(), fresh):
+                        if was_fresh:  # the template's zero-gradient step made state: the first step must not see it
+                            optimizer.state.clear()
+                resume_start(checkpoint_path, weights_only)
+
+            connector.resume_start = resume_from_snapshot_first
+
+        def _raw_optimizers(self) -> list[torch.optim.Optimizer]:
+            return [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
+
+        def split_checkpoint(self, checkpoint: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any],
+                                                                       dict[str, Any] | None]:
+            """Lightning's checkpoint dict -> (sharded tensors, job-wide values, this rank's own values)."""
+            checkpoint = dict(checkpoint)
+            tensors = {"model": checkpoint.pop("state_dict")}
+            for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+                tensors[f"optimizer_{i}"] = state
+            checkpoint["world_size"] = self.world_size
+            checkpoint["memtrain_config"] = self.memtrain_config.to_dict()
+            # Local updates: replicas differ, so each rank also keeps its replica's own state (memtrain.local_update).
+            local_updates = self._local_updates()
+            rank_state = {"local_update": [lu.state_dict() for lu in local_updates]} if local_updates else None
+            return tensors, checkpoint, rank_state
+
+        def _checkpoint_template(self) -> dict[str, Any]:
+            """The live state in the checkpoint's layout, for a checkpoint or snapshot to be read into."""
+            assert self.model is not None
+            tensors: dict[str, Any] = {"model": model_state(self.model)}
+            for i, optimizer in enumerate(self._raw_optimizers()):
+                tensors[f"optimizer_{i}"] = template_optimizer_state(self.model, optimizer)
+            return tensors
+
+        def _load_into_live(self, tensors: dict[str, Any], rank_state: dict[str, Any] | None) -> None:
+            assert self.model is not None
+            load_model_state(self.model, tensors["model"])
+            for i, optimizer in enumerate(self._raw_optimizers()):
+                load_optimizer_state(self.model, optimizer, tensors[f"optimizer_{i}"])
+            saved = (rank_state or {}).get("local_update")
+            for i, local_update in enumerate(self._local_updates()):
+                if saved is not None and i < len(saved):
+                    local_update.load_state_dict(saved[i])
+                else:  # another world size, or saved without local updates
+                    local_update.reset_from_model()
 
         def _offloaded_clip(self, trainer: Any) -> float | None:
             """An offloaded optimizer that updates blocks during backward clips by itself (Lightning would clip
@@ -375,6 +447,10 @@ def strategy_class(namespace: str) -> type:
 
         @override
         def teardown(self) -> None:
+            if self._engine is not None and self._engine.checkpoints is not None:
+                # A clean end lets the keeper go of this job's snapshots; after an error they stay for a restart.
+                self._engine.checkpoints.close(finished=sys.exc_info()[0] is None)
+                self._engine.checkpoints = None
             for local_update in self._local_updates():
                 local_update.close()
             assert self.cluster_environment is not None and self.accelerator is not None
@@ -418,15 +494,14 @@ def strategy_class(namespace: str) -> type:
             path = Path(self.broadcast(str(filepath)))
             if self.is_global_zero and path.is_file():
                 path.unlink()  # a plain file of the same name from another strategy
-            tensors = {"model": checkpoint.pop("state_dict")}
-            for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
-                tensors[f"optimizer_{i}"] = state
-            checkpoint["world_size"] = self.world_size
-            checkpoint["memtrain_config"] = self.memtrain_config.to_dict()
-            # Local updates: replicas differ, so each rank also keeps its replica's own state (memtrain.local_update).
-            local_updates = self._local_updates()
-            rank_state = {"local_update": [lu.state_dict() for lu in local_updates]} if local_updates else None
-            save_sharded(path, tensors, meta=checkpoint, rank_state=rank_state)
+            tensors, meta, rank_state = self.split_checkpoint(checkpoint)
+            manager = self._engine.checkpoints if self._engine is not None else None
+            trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+            if manager is not None and trainer is not None and manager.latest_step == trainer.global_step:
+                # The snapshot of this very state is in host memory: written from there in the background.
+                manager.persist(path, meta=meta)
+                return
+            save_sharded(path, tensors, meta=meta, rank_state=rank_state)
 
         @override
         def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
@@ -437,26 +512,17 @@ def strategy_class(namespace: str) -> type:
                     f"{path} is a single-file checkpoint; MemTrainStrategy resumes from its own sharded checkpoint "
                     "folders. To start from plain weights, load them into the model before calling fit()."
                 )
-            tensors: dict[str, Any] = {"model": model_state(self.model)}
-            optimizers = [o._optimizer if isinstance(o, LightningOptimizer) else o for o in self.optimizers]
-            for i, optimizer in enumerate(optimizers):
-                tensors[f"optimizer_{i}"] = template_optimizer_state(self.model, optimizer)
+            tensors = self._checkpoint_template()
             meta, rank_state = load_sharded(path, tensors)
-            load_model_state(self.model, tensors["model"])
-            for i, optimizer in enumerate(optimizers):
-                load_optimizer_state(self.model, optimizer, tensors[f"optimizer_{i}"])
-            saved = (rank_state or {}).get("local_update")
-            for i, local_update in enumerate(self._local_updates()):
-                if saved is not None and i < len(saved):
-                    local_update.load_state_dict(saved[i])
-                else:  # another world size, or saved without local updates
-                    local_update.reset_from_model()
+            self._load_into_live(tensors, rank_state)
             if meta.get("world_size", self.world_size) != self.world_size:
                 rank_zero_info(f"memtrain: resharded checkpoint from {meta['world_size']} to {self.world_size} ranks")
             return meta
 
         @override
         def remove_checkpoint(self, filepath: Any) -> None:
+            if self._engine is not None and self._engine.checkpoints is not None:
+                self._engine.checkpoints.wait_flushes()  # never remove a folder a queued write would recreate
             if self.is_global_zero:
                 path = Path(filepath)
                 if path.is_dir():
