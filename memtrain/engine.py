@@ -260,6 +260,7 @@ def apply_snapshots(optimizer: torch.optim.Optimizer, manager: CheckpointManager
         return inner_step(*args, **kwargs)
 
     optimizer.step = step  # type: ignore[method-assign]
+    optimizer._memtrain_snapshots = manager  # type: ignore[attr-defined]  (telemetry counts its memory)
     offloaded = offload_state(optimizer)
     if offloaded is not None:  # it may update blocks during backward, before step() is called
         offloaded.before_update = manager.wait_copied

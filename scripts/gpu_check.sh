@@ -15,7 +15,7 @@ pip install -q --no-deps -e . || true
 
 status=0
 echo "== CUDA tests"
-timeout 240 python -m pytest -q -m cuda tests/test_cuda.py || status=1
+timeout 240 python -m pytest -q -m cuda tests/test_cuda.py || status=1   # incl. the snapshot of GPU state
 echo "== sharding benchmark on one GPU"
 timeout 240 python scripts/bench/sharding.py --device cuda --nproc 1 --steps 20 --warmup 5 \
     --contenders memtrain-zero0,memtrain-zero3,lightning-fsdp2 \

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from memtrain.checkpoint import durable
@@ -232,6 +233,11 @@ def test_durable_flush_commits_checksums_and_retains(tmp_path: Path) -> None:
     status = manager.status()
     assert status["in_memory_step"] == 8 and status["durable_steps"] == [8, 6]
     manager.close()
+    # Plain DCP (no memtrain) reads it.
+    plain = {"model": {k: torch.zeros_like(v) for k, v in model.state_dict().items()}}
+    dcp.load(plain, checkpoint_id=tmp_path / "durable" / "step-8")
+    for key, value in model.state_dict().items():
+        assert torch.equal(plain["model"][key], value), key
 
     # A corrupt shard is detected and the previous checkpoint is used.
     shard = tmp_path / "durable" / "step-8" / "__0_0.distcp"
@@ -324,3 +330,24 @@ def test_soak_no_growth_of_memory_or_descriptors(tmp_path: Path) -> None:
         time.sleep(0.1)
     else:
         raise AssertionError("the keeper did not exit after the job let go of its snapshots")
+
+
+def test_snapshot_memory_is_accounted_and_updates_wait_for_the_copy(tmp_path: Path) -> None:
+    from memtrain.engine import apply_snapshots
+    from memtrain.telemetry import account_training_state
+
+    model, optimizer = _model_and_optimizer()
+    manager = _manager(tmp_path)
+    apply_snapshots(optimizer, manager)
+    assert account_training_state(model, optimizer).total("snapshots") == 0
+    for step in (1, 2):
+        _train_step(model, optimizer, step)
+        _snapshot(manager, step, model, optimizer)
+        assert manager._pending is not None  # copying in the background
+    # The step waited for snapshot 1's copy before updating; snapshot 2 is pending. Two slots are open now.
+    report = account_training_state(model, optimizer)
+    assert report.total("snapshots") == sum(s.size for s in manager.store._open.values()) > 0
+    assert len(manager.store._open) == 2
+    optimizer.step()  # waits for the pending copy first
+    assert manager._pending is None
+    manager.close(finished=True)

@@ -102,7 +102,7 @@ class CheckpointManager:
         self._busy: dict[str, Future] = {}  # slot name -> its snapshot job
         self._pinned: dict[str, Future] = {}  # slot name -> the flush reading it
         self._launched: dict[str, int] = {}  # slot name -> step last launched into it
-        self._last: tuple[str, int, Any, Layout] | None = None  # slot, step, blob, layout of the newest snapshot
+        self._last: tuple[str, int, Any, Layout] | None = None  # slot, step, skeleton, layout of the newest one
         self._error: BaseException | None = None
         self.stats = CheckpointStats()
 
@@ -129,6 +129,7 @@ class CheckpointManager:
     def due(self, step: int) -> bool:
         return step % self.config.snapshot_every_n_steps == 0
 
+    @torch.no_grad()  # copies out of parameters must not enter autograd (each would grow the slot's graph)
     def snapshot(self, step: int, state: dict[str, Any], meta: dict[str, Any] | None = None,
                  rank_state: dict[str, Any] | None = None, stable_now: Iterable[str] = ()) -> None:
         """Start copying ``state`` (right after an optimizer step). ``stable_now``: paths (``model.<fqn>``) of
@@ -221,8 +222,9 @@ class CheckpointManager:
         try:
             start = time.perf_counter()
             try:
-                for view, tensor in later:
-                    view.copy_(tensor)
+                with torch.no_grad():  # grad mode is per thread
+                    for view, tensor in later:
+                        view.copy_(tensor)
                 if pending.cuda_done is not None:
                     pending.cuda_done.synchronize()
             finally:
@@ -302,6 +304,7 @@ class CheckpointManager:
                 "flush_errors": list(self.stats.flush_errors)}
 
     # -- recovery ---------------------------------------------------------------------------------------------
+    @torch.no_grad()
     def restore(self, make_template: Callable[[], dict[str, Any]], use_durable: bool = True) -> Restored | None:
         """Collective: fill the template (the live training state, as for a checkpoint load; made only when
         there is something to restore) from the newest step every rank can get: own keeper, then peers'

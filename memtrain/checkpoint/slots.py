@@ -133,6 +133,11 @@ class SlotStore:
         self._open[name] = slot
         return slot
 
+    def host_bytes(self) -> dict[str, int]:
+        """Bytes of the slots this trainer has open, by tier (page-locked when registered for device copies)."""
+        tier = "host_pinned" if self.pin and torch.cuda.is_available() else "host"
+        return {tier: sum(slot.size for slot in self._open.values())}
+
     def names(self, prefix: str) -> list[str]:
         if self.keeper is None:
             return sorted(n for n in self._open if n.startswith(prefix))

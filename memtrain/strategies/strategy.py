@@ -2,7 +2,8 @@
 
 Lightning hooks only: the process group and mesh are set up in ``setup_environment``, the model is sharded
 and the optimizers prepared in ``setup`` (a model built in ``__init__`` or in ``configure_model`` both work),
-checkpoints are sharded DCP folders. Everything else is the engine's.
+checkpoints are sharded DCP folders (written from the newest asynchronous snapshot when snapshots are on).
+Everything else is the engine's.
 
 The class is built once per Lightning namespace (``lightning.pytorch`` and ``pytorch_lightning`` have separate
 base classes); ``strategy_class(namespace)`` returns it.
@@ -144,6 +145,10 @@ def strategy_class(namespace: str) -> type:
             activations: a policy name ("keep" / "recompute" / "swap" / "split" / "auto") or the ``activations``
                 section as a mapping (``memtrain.config.ActivationsConfig``), e.g. ``{"policy": "swap", "tier":
                 "cpu"}``. activation_memory_budget: bytes or '6GiB' for the planner (implies policy "auto").
+            checkpoint: the ``checkpoint`` section (``memtrain.config.CheckpointConfig``), e.g.
+                ``{"snapshot_every_n_steps": 1, "persist_every_n_snapshots": 50, "redundancy": "replica",
+                "dirpath": "/ckpt"}``: asynchronous snapshots after optimizer steps, held by a keeper process per
+                node; ``fit()`` resumes by itself from the newest one after a crash.
             process_group_backend: "nccl" / "gloo"; default by device type.
             timeout: process group timeout.
         """
@@ -253,7 +258,7 @@ def strategy_class(namespace: str) -> type:
                 self._process_group_backend = fabric_distributed._get_default_process_group_backend_for_device(
                     self.root_device
                 )
-            if restartable_by_torchelastic():  # torchrun --max-restarts: each attempt meets under its own prefix
+            if restartable_by_torchelastic() and not dist.is_initialized():  # each torchrun attempt: own prefix
                 init_process_group(self._process_group_backend, timeout=self._timeout)
             else:
                 fabric_distributed._init_dist_connection(

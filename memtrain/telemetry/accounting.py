@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 TIERS = ("gpu", "host_pinned", "host", "nvme")
-CATEGORIES = ("params", "grads", "optimizer_state")
+CATEGORIES = ("params", "grads", "optimizer_state", "snapshots")
 
 
 def tier_of(t: torch.Tensor) -> str:
@@ -51,7 +51,8 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 def account_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> MemoryReport:
     """Offloaded state counts on its tier: parameter shards swapped out and optimizer moments in NVMe files as
-    "nvme", host-resident moments as "host"."""
+    "nvme", host-resident moments as "host". Snapshot memory (own slots and the replicas held for a peer, in the
+    keeper's shared memory) counts as "snapshots" on the host tiers."""
     from memtrain.offload import offload_state, param_offload_of
 
     report = MemoryReport()
@@ -81,4 +82,8 @@ def account_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | 
             for value in state.values():
                 if isinstance(value, torch.Tensor):
                     add_once("optimizer_state", value)
+    snapshots = getattr(optimizer, "_memtrain_snapshots", None)
+    if snapshots is not None:
+        for tier, nbytes in snapshots.store.host_bytes().items():
+            report.bytes["snapshots"][tier] += nbytes
     return report
