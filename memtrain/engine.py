@@ -26,6 +26,7 @@ Later capabilities slot into these lists.
 """
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -255,6 +256,7 @@ def apply_snapshots(optimizer: torch.optim.Optimizer, manager: CheckpointManager
     """Every update of ``optimizer`` first waits for the pending snapshot copy (the only stall snapshots add)."""
     inner_step = optimizer.step
 
+    @functools.wraps(inner_step)  # keeps the LR scheduler's marker: no "step() overridden" warning
     def step(*args: Any, **kwargs: Any) -> Any:
         manager.wait_copied()
         return inner_step(*args, **kwargs)

@@ -160,7 +160,7 @@ def test_keeper_memory_is_private() -> None:
     try:
         assert (os.stat(tmp_path / "keeper").st_mode & 0o777) == 0o700
         assert (os.stat(socket_path(tmp_path / "keeper", "test", 0)).st_mode & 0o777) == 0o600
-        buffer, created = client.open("rank0/own/0", 8192)
+        _, created = client.open("rank0/own/0", 8192)
         assert created
         pid = client.ping()["pid"]
         segments = [f"/proc/{pid}/fd/{n}" for n in os.listdir(f"/proc/{pid}/fd")
@@ -185,7 +185,7 @@ except OSError:
     data, fds = b"", []
 print("refused" if not data and not fds else "served")
 """
-        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
         assert out.stdout.strip() == "refused", out.stdout + out.stderr
     finally:
         client.shutdown()
@@ -301,7 +301,7 @@ def test_full_disk_keeps_training_and_earlier_checkpoints(tmp_path: Path) -> Non
         assert not [p for p in disk.iterdir() if p.name.endswith(".tmp")]  # the failed write was cleaned up
         manager.close()
     finally:
-        subprocess.run(["umount", str(disk)])
+        subprocess.run(["umount", str(disk)], check=False)
 
 
 def test_soak_no_growth_of_memory_or_descriptors(tmp_path: Path) -> None:
@@ -324,7 +324,7 @@ def test_soak_no_growth_of_memory_or_descriptors(tmp_path: Path) -> None:
     assert len(durable.committed_steps(tmp_path / "durable")) == 2
     pid = _keeper_pid(tmp_path)
     manager.close(finished=True)
-    for _ in range(50):  # holding nothing, the keeper goes
+    for _ in range(150):  # holding nothing, the keeper goes (after a grace period for trainers to attach)
         if not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
             break
         time.sleep(0.1)

@@ -16,11 +16,9 @@ import os
 import re
 import shutil
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
@@ -117,12 +115,10 @@ def write_checkpoint(
     meta: dict[str, Any] | None,
     rank_state: dict[str, Any] | None,
     group: Any = None,
-    save_small: Callable[[Any, Path], None] | None = None,
 ) -> None:
     """Collective over ``group``: every rank passes its own shards; ``meta`` is taken from rank 0."""
     from memtrain.checkpoint.sharded import META_FILE, atomic_torch_save
 
-    save_small = save_small or atomic_torch_save
     final = Path(path)
     tmp = final.with_name(f".{final.name}.tmp")
     rank = _rank(group)
@@ -138,9 +134,9 @@ def write_checkpoint(
     try:
         try:
             if rank_state is not None:
-                save_small(rank_state, tmp / f"rank{rank}.pt")
+                atomic_torch_save(rank_state, tmp / f"rank{rank}.pt")
             if meta is not None and rank == 0:
-                save_small(meta, tmp / META_FILE)
+                atomic_torch_save(meta, tmp / META_FILE)
         except OSError as e:
             error = e
         _agree(error, group, f"writing {tmp}")
@@ -236,7 +232,3 @@ def load_verified(path: str | Path, tensors: dict[str, Any], group: Any = None) 
     if is_committed(path):
         verify(path, group)
     dcp.load(tensors, storage_reader=dcp.FileSystemReader(Path(path)), process_group=group)
-
-
-def torch_load(path: Path) -> Any:
-    return torch.load(path, weights_only=False)

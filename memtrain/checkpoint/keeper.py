@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 _MAX_MESSAGE = 1 << 16
+_EMPTY_GRACE_S = 5.0  # a keeper holding nothing waits this long for a trainer to attach before it exits
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 
 
@@ -73,6 +74,7 @@ class Keeper:
         os.chmod(tmp, 0o600)
         server.listen(64)
         os.replace(tmp, self.path)  # appears only once it accepts connections
+        inode = os.stat(self.path).st_ino
         self.selector.register(server, selectors.EVENT_READ)
         idle_since = time.monotonic()
         try:
@@ -84,10 +86,10 @@ class Keeper:
                         return
                 if self.clients:
                     idle_since = time.monotonic()
-                elif not self.segments or time.monotonic() - idle_since > self.idle_timeout:
-                    return  # nothing left to keep (the job finished), or nobody came back for it
+                elif time.monotonic() - idle_since > (self.idle_timeout if self.segments else _EMPTY_GRACE_S):
+                    return  # nobody came back for what it holds, or it holds nothing (the job finished)
         finally:
-            if self.path.exists() and os.stat(self.path).st_ino == os.fstat(server.fileno()).st_ino:
+            if self.path.exists() and os.stat(self.path).st_ino == inode:  # not a successor's socket
                 self.path.unlink()
             server.close()
 
@@ -113,8 +115,12 @@ class Keeper:
         if not data:
             self._drop_client(conn)
             return True
-        request = json.loads(data)
-        op = request["op"]
+        try:
+            request = json.loads(data)
+            op = request["op"]
+        except (ValueError, KeyError, TypeError):
+            socket.send_fds(conn, [json.dumps({"error": "malformed request"}).encode()], [])
+            return True
         fds: list[int] = []
         if op == "open":  # get, or create with this size (a segment of another size is replaced)
             name, size = request["name"], int(request["size"])
@@ -197,14 +203,13 @@ class KeeperClient:
                 return self._connect()
             except OSError:
                 pass
-            log = open(self.path.with_suffix(".log"), "ab")
-            subprocess.Popen(
-                [sys.executable, str(Path(__file__).resolve()), "--socket", str(self.path),
-                 "--idle-timeout", str(self.idle_timeout)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                close_fds=True,
-            )
-            log.close()
+            with open(self.path.with_suffix(".log"), "ab") as log:
+                subprocess.Popen(
+                    [sys.executable, str(Path(__file__).resolve()), "--socket", str(self.path),
+                     "--idle-timeout", str(self.idle_timeout)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    close_fds=True,
+                )
             deadline = time.monotonic() + 60.0
             while True:
                 try:

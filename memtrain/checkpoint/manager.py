@@ -104,6 +104,7 @@ class CheckpointManager:
         self._launched: dict[str, int] = {}  # slot name -> step last launched into it
         self._last: tuple[str, int, Any, Layout] | None = None  # slot, step, skeleton, layout of the newest one
         self._error: BaseException | None = None
+        self._received: Slot | None = None  # recovery: the own slot a peer's replica of this rank landed in
         self.stats = CheckpointStats()
 
     @classmethod
@@ -322,7 +323,7 @@ class CheckpointManager:
         if not any(durable._gather(bool(own_headers or held or durable_steps), self.group)):
             return None  # a fresh start: the template (which initializes optimizer state) is not even made
         template = make_template()
-        skeleton, tensors, layout = flatten(template)
+        _, tensors, layout = flatten(template)
         own = {step: (slot, header) for step, (slot, header) in own_headers.items() if header.digest == layout.digest}
         mine = {"own": sorted(own), "held": {s: slot.header().digest for s, slot in held.items()},  # type: ignore[union-attr]
                 "digest": layout.digest}
@@ -336,17 +337,11 @@ class CheckpointManager:
                 continue
             holder = buddy(r, self.world, self.ranks_per_node)
             replica = held.get(step) if self.rank == holder else None
-            dest: list[Slot] = []
-
-            def open_dest(h: SlotHeader) -> Slot:
-                dest.append(self._take_slot(h.step, h.data_bytes, h.blob_bytes))
-                return dest[0]
-
             got = transfer(replica, None if replica is None else replica.header(), holder, r, self.rank,
-                           open_dest, self.group)
+                           self._slot_for, self.group)
             if self.rank == r:
-                assert got is not None
-                own[step] = (dest[0], got)
+                assert got is not None and self._received is not None
+                own[step] = (self._received, got)
         slot, header = own[step]
         for view, tensor in zip(layout.views(slot.data(header.data_bytes)), tensors):
             tensor.copy_(view)
@@ -357,6 +352,11 @@ class CheckpointManager:
                             time.perf_counter() - start)
         self._report(restored, sources)
         return restored
+
+    def _slot_for(self, header: SlotHeader) -> Slot:
+        """Where a replica coming back from a peer is written (an own slot: the keeper holds it again)."""
+        self._received = self._take_slot(header.step, header.data_bytes, header.blob_bytes)
+        return self._received
 
     def _common_step(self, everyone: list[dict[str, Any]]) -> tuple[int | None, list[str]]:
         candidates = sorted({s for info in everyone for s in info["own"]}, reverse=True)

@@ -29,7 +29,6 @@ from torch import Tensor
 from torch.distributed.fsdp import register_fsdp_forward_method
 from typing_extensions import override
 
-from memtrain.distributed import init_process_group, restartable_by_torchelastic
 from memtrain.checkpoint.sharded import load_sharded, save_sharded
 from memtrain.checkpoint.state import (
     load_model_state,
@@ -39,6 +38,7 @@ from memtrain.checkpoint.state import (
     template_optimizer_state,
 )
 from memtrain.config import ConfigError, MemTrainConfig
+from memtrain.distributed import init_process_group, restartable_by_torchelastic
 from memtrain.engine import Engine
 from memtrain.local_update import local_update_of
 from memtrain.sharding import build_mesh, check_launched_world
