@@ -328,7 +328,7 @@ class ActivationsConfig:
         return self.policy in ("swap", "split", "auto")
 
 
-REDUNDANCIES = ("none", "replica")
+REDUNDANCIES = ("none", "replica", "xor")
 
 
 @dataclass(frozen=True)
@@ -343,7 +343,9 @@ class CheckpointConfig:
     keeper_dir: folder of the keeper's socket (default: ``/tmp/memtrain-<uid>``); keeper_idle_timeout_s: a
         keeper with no trainer attached exits after this many seconds.
     redundancy: "replica": each rank's snapshot is also copied to a rank on the next node, so losing a whole
-        node's memory is survivable; "none": only the own node's keeper holds it.
+        node's memory is survivable; "xor": the same with XOR parity over ``parity_group_size`` nodes (one node
+        per group may be lost; each rank holds 1/(group size - 1) of a snapshot instead of a whole copy);
+        "none": only the own node's keeper holds it.
     dirpath: folder of the durable checkpoints (DCP format, one ``step-<n>`` folder each, committed atomically,
         checksummed). persist_every_n_snapshots: every n-th snapshot is flushed there in the background
         (0: never). keep_latest_k: durable checkpoints kept in ``dirpath`` (older ones are removed).
@@ -354,6 +356,7 @@ class CheckpointConfig:
     keeper_dir: str | None = None
     keeper_idle_timeout_s: float = 600.0
     redundancy: str = "none"
+    parity_group_size: int = 3
     dirpath: str | None = None
     persist_every_n_snapshots: int = 0
     keep_latest_k: int = 3
@@ -372,6 +375,9 @@ class CheckpointConfig:
         timeout = self.keeper_idle_timeout_s
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
             raise _err("checkpoint.keeper_idle_timeout_s", timeout, "use a positive number of seconds")
+        size = self.parity_group_size
+        if isinstance(size, bool) or not isinstance(size, int) or size < 2:
+            raise _err("checkpoint.parity_group_size", size, "use an integer >= 2 (nodes per XOR parity group)")
         if self.redundancy not in REDUNDANCIES:
             raise _err("checkpoint.redundancy", self.redundancy, f"choose one of {list(REDUNDANCIES)}")
         if self.persist_every_n_snapshots and not self.dirpath:
@@ -382,7 +388,7 @@ class CheckpointConfig:
                 if getattr(self, name) not in ("none", 0):
                     raise _err(f"checkpoint.{name}", getattr(self, name), "snapshots are off "
                                "(checkpoint.snapshot_every_n_steps=0): set checkpoint.snapshot_every_n_steps")
-        if self.redundancy == "replica" and not self.keeper:
+        if self.redundancy != "none" and not self.keeper:
             raise _err("checkpoint.redundancy", self.redundancy, "replicas are held by the peers' keepers: "
                        "set checkpoint.keeper=true")
 

@@ -2,7 +2,7 @@
 
 - a rank killed at a random step: torchrun restarts the workers, they restore from their node's keeper;
 - a whole simulated node (its torchrun agent, trainer and keeper) killed: the job is relaunched, the lost
-  rank's snapshot comes back from its replica on the other node;
+  rank's snapshot comes back from its replica on the next node, or is rebuilt from XOR parity (3 nodes);
 - the job killed while a durable checkpoint is being written: the torn folder is ignored, the previous
   checkpoint loads; a corrupted shard is detected by its checksum and the one before is used.
 Each run's final parameters are compared bitwise with an uninterrupted run.
@@ -125,9 +125,9 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict[str, torch.Tenso
     return _final(tmp / "ckpt", tmp / "final.pt")
 
 
-def _two_nodes(args: list[str], cwd: Path, job: str) -> list[subprocess.Popen]:
+def _nodes(count: int, args: list[str], cwd: Path, job: str) -> list[subprocess.Popen]:
     port = _free_port()
-    return [_launch(args, cwd, nodes=(n, 2), job=job, port=port) for n in range(2)]
+    return [_launch(args, cwd, nodes=(n, count), job=job, port=port) for n in range(count)]
 
 
 def test_killed_rank_resumes_from_its_keeper_bitwise(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:
@@ -156,42 +156,49 @@ def test_killed_rank_resumes_from_its_keeper_bitwise(tmp_path: Path, reference: 
     _assert_bitwise(_final(tmp_path / "ckpt", tmp_path / "final.pt"), reference, context)
 
 
-def test_lost_node_recovers_from_peer_replica_bitwise(tmp_path: Path) -> None:
-    # The reference has the same layout (two nodes of one rank): gloo's reduction order follows the topology.
-    agents = _two_nodes(SMALL + [f"callbacks.checkpoint_dir={tmp_path / 'reference'}"], tmp_path, "reference")
+@pytest.mark.parametrize(("redundancy", "nodes", "source"), [
+    ("replica", 2, "ranks [0] from their own keeper; ranks [1] from peer replicas"),
+    ("xor", 3, "ranks [0, 2] from their own keeper; ranks [1] from XOR parity of their group"),
+])
+def test_lost_node_recovers_from_redundancy_bitwise(tmp_path: Path, redundancy: str, nodes: int, source: str) -> None:
+    # The reference has the same layout (nodes of one rank): gloo's reduction order follows the topology.
+    agents = _nodes(nodes, SMALL + [f"callbacks.checkpoint_dir={tmp_path / 'reference'}"], tmp_path, "reference")
     assert "memtrain summary" in _finish(agents[0], [])
-    _finish(agents[1], [])
+    for agent in agents[1:]:
+        _finish(agent, [])
     want = _final(tmp_path / "reference", tmp_path / "want.pt")
     seed = random.randrange(1 << 30)
     kill_after = random.Random(seed).randint(2, STEPS // 2)
     keeper_dir = tmp_path / "keeper"
     args = SMALL + ["checkpoint.snapshot_every_n_steps=1", f"checkpoint.keeper_dir={keeper_dir}",
-                    "checkpoint.redundancy=replica", f"callbacks.checkpoint_dir={tmp_path / 'ckpt'}"]
+                    f"checkpoint.redundancy={redundancy}", f"checkpoint.parity_group_size={nodes}",
+                    f"callbacks.checkpoint_dir={tmp_path / 'ckpt'}"]
     try:
-        nodes = _two_nodes(args, tmp_path, "two-nodes")
+        launched = _nodes(nodes, args, tmp_path, "lost-node")
         lines: list[str] = []
-        assert nodes[0].stdout is not None
-        for line in nodes[0].stdout:
+        assert launched[0].stdout is not None
+        for line in launched[0].stdout:
             lines.append(line)
             if line.startswith(f"step {kill_after}/"):
                 break
         assert "memtrain summary" not in "".join(lines)
         # Node 1 is lost whole: agent, trainer and keeper. The scheduler then stops what remains of the job
-        # (node 0's agent and trainer; its keeper survives) and requeues it.
-        _kill_keeper(keeper_dir, "two-nodes", 1)
-        for agent in (nodes[1], nodes[0]):
+        # (the other nodes' agents and trainers; their keepers survive) and requeues it.
+        _kill_keeper(keeper_dir, "lost-node", 1)
+        for agent in [launched[1]] + launched[:1] + launched[2:]:
             for trainer in _trainers(agent):  # torchrun starts each worker in a session of its own
                 trainer.send_signal(signal.SIGKILL)
             agent.send_signal(signal.SIGKILL)
             agent.wait(timeout=30)
-        relaunched = _two_nodes(args, tmp_path, "two-nodes")
+        relaunched = _nodes(nodes, args, tmp_path, "lost-node")
         out = _finish(relaunched[0], [])
-        _finish(relaunched[1], [])
+        for agent in relaunched[1:]:
+            _finish(agent, [])
     finally:
         _shutdown_keepers(keeper_dir)
     context = f"lost node 1 after step {kill_after}, seed {seed}"
     assert "memtrain summary" in out, f"{context}\n{out[-4000:]}"
-    assert "ranks [0] from their own keeper; ranks [1] from peer replicas" in out, out[-4000:]
+    assert source in out, out[-4000:]
     _assert_bitwise(_final(tmp_path / "ckpt", tmp_path / "final.pt"), want, context)
 
 

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from memtrain.checkpoint import durable
 from memtrain.checkpoint.keeper import KeeperClient, socket_path
 from memtrain.checkpoint.layout import Layout, flatten, unflatten
+from memtrain.checkpoint.parity import ParityGroup, parity_groups
 from memtrain.checkpoint.redundancy import Replicator, buddy, transfer
 from memtrain.checkpoint.sharded import load_sharded
 from memtrain.checkpoint.slots import Slot, SlotHeader, SlotStore, segment_size
@@ -78,10 +79,13 @@ class CheckpointManager:
     def __init__(self, config: CheckpointConfig, job: str, rank: int, world: int, ranks_per_node: int,
                  device_type: str) -> None:
         nodes = world // max(ranks_per_node, 1)
-        if config.redundancy == "replica" and nodes < 2:
-            raise ConfigError(f"checkpoint.redundancy='replica' copies each snapshot to another node, but this job "
-                              f"runs on one node ({world} ranks, {ranks_per_node} per node): use "
+        if config.redundancy != "none" and nodes < 2:
+            raise ConfigError(f"checkpoint.redundancy={config.redundancy!r} keeps each snapshot recoverable on other "
+                              f"nodes, but this job runs on one node ({world} ranks, {ranks_per_node} per node): use "
                               "checkpoint.redundancy='none', or run on two nodes or more")
+        if config.redundancy == "xor" and nodes % config.parity_group_size:
+            raise ConfigError(f"checkpoint.parity_group_size={config.parity_group_size} does not divide the {nodes} "
+                              f"nodes of this job: choose a divisor of {nodes}, or checkpoint.redundancy='replica'")
         self.config = config
         self.rank, self.world, self.ranks_per_node = rank, world, ranks_per_node
         self.node = rank // ranks_per_node
@@ -95,6 +99,8 @@ class CheckpointManager:
         self.store = SlotStore(keeper, pin=device_type == "cuda")
         self.replicator = (Replicator(self.store, rank, world, ranks_per_node, self.group)
                            if config.redundancy == "replica" else None)
+        self.parity = (ParityGroup(self.store, rank, world, ranks_per_node, config.parity_group_size)
+                       if config.redundancy == "xor" else None)
         self._snapshot_thread = ThreadPoolExecutor(1, thread_name_prefix="memtrain-snapshot")
         self._flush_thread = ThreadPoolExecutor(1, thread_name_prefix="memtrain-flush") if config.dirpath else None
         self._copy_stream = torch.cuda.Stream() if device_type == "cuda" else None
@@ -237,6 +243,8 @@ class CheckpointManager:
             self.stats.in_memory_step = step
             if self.replicator is not None:
                 self.stats.replicated_step = self.replicator.exchange(slot, header)
+            if self.parity is not None:
+                self.stats.replicated_step = self.parity.build(slot, header)
             if persist_path is not None:
                 self._pin_and_flush(slot, step, layout, skeleton, meta, rank_state, persist_path)
         except BaseException as e:  # noqa: BLE001 - re-raised on the training thread at the next wait
@@ -318,15 +326,16 @@ class CheckpointManager:
             if header is not None:
                 own_headers[header.step] = (slot, header)
         held = self.replicator.held() if self.replicator is not None else {}
+        parity = self.parity.held() if self.parity is not None else {}
         use_durable = use_durable and bool(self.config.dirpath)
         durable_steps = durable.committed_steps(self.config.dirpath) if use_durable and self.rank == 0 else []
-        if not any(durable._gather(bool(own_headers or held or durable_steps), self.group)):
+        if not any(durable._gather(bool(own_headers or held or parity or durable_steps), self.group)):
             return None  # a fresh start: the template (which initializes optimizer state) is not even made
         template = make_template()
         _, tensors, layout = flatten(template)
         own = {step: (slot, header) for step, (slot, header) in own_headers.items() if header.digest == layout.digest}
         mine = {"own": sorted(own), "held": {s: slot.header().digest for s, slot in held.items()},  # type: ignore[union-attr]
-                "digest": layout.digest}
+                "digest": layout.digest, "parity": sorted(parity)}
         everyone = durable._gather(mine, self.group)
         step, sources = self._common_step(everyone)
         if step is None:
@@ -342,6 +351,8 @@ class CheckpointManager:
             if self.rank == r:
                 assert got is not None and self._received is not None
                 own[step] = (self._received, got)
+        if "parity" in sources:
+            self._rebuild_from_parity(step, sources, own, parity)
         slot, header = own[step]
         for view, tensor in zip(layout.views(slot.data(header.data_bytes)), tensors):
             tensor.copy_(view)
@@ -358,8 +369,22 @@ class CheckpointManager:
         self._received = self._take_slot(header.step, header.data_bytes, header.blob_bytes)
         return self._received
 
+    def _rebuild_from_parity(self, step: int, sources: list[str], own: dict[int, tuple[Slot, SlotHeader]],
+                             parity: dict[int, Slot]) -> None:
+        assert self.parity is not None
+        lost = [self.parity.members.index(r) for r in self.parity.members if sources[r] == "parity"]
+        if not lost:
+            return  # this rank's group lost nobody
+        mine = own.get(step)
+        got = self.parity.rebuild(lost[0], None if mine is None else mine[0], parity.get(step), self._slot_for)
+        if got is not None:
+            assert self._received is not None
+            own[step] = (self._received, got)
+
     def _common_step(self, everyone: list[dict[str, Any]]) -> tuple[int | None, list[str]]:
         candidates = sorted({s for info in everyone for s in info["own"]}, reverse=True)
+        if self.parity is not None:
+            return self._common_step_with_parity(everyone, candidates)
         for step in candidates:
             sources = []
             for r, info in enumerate(everyone):
@@ -374,11 +399,32 @@ class CheckpointManager:
                 return step, sources
         return None, []
 
+    def _common_step_with_parity(self, everyone: list[dict[str, Any]],
+                                 candidates: list[int]) -> tuple[int | None, list[str]]:
+        """The newest step at which, in every parity group, at most one member lost it and all the others hold
+        both their own snapshot and their parity block of it."""
+        assert self.parity is not None
+        groups = parity_groups(self.world, self.ranks_per_node, self.parity.size)
+        for step in candidates:
+            sources = ["keeper"] * self.world
+            for members in groups:
+                missing = [r for r in members if step not in everyone[r]["own"]]
+                survivors = [r for r in members if r not in missing]
+                if len(missing) > 1 or (missing and not all(step in everyone[r]["parity"] for r in survivors)):
+                    break
+                for r in missing:
+                    sources[r] = "parity"
+            else:
+                return step, sources
+        return None, []
+
     def _forget_newer_than(self, step: int) -> None:
         """Slots of steps after the restored one belong to a lost future: never restore them later."""
         names = [own_name(self.rank, i) for i in range(OWN_SLOTS)]
         if self.replicator is not None:
             names += [s.name for s in self.replicator.held().values()]
+        if self.parity is not None:
+            names += [s.name for s in self.parity.held().values()]
         for name in names:
             slot = self.store.find(name)
             header = None if slot is None else slot.header()
@@ -412,8 +458,8 @@ class CheckpointManager:
         by_source: dict[str, list[int]] = {}
         for r, source in enumerate(sources):
             by_source.setdefault(source, []).append(r)
-        where = "; ".join(f"ranks {ranks} from {'their own keeper' if s == 'keeper' else 'peer replicas' if s == 'peer' else restored.path}"
-                          for s, ranks in by_source.items())
+        names = {"keeper": "their own keeper", "peer": "peer replicas", "parity": "XOR parity of their group"}
+        where = "; ".join(f"ranks {ranks} from {names.get(s, restored.path)}" for s, ranks in by_source.items())
         message = f"memtrain: restored step {restored.step} ({where}) in {restored.seconds:.2f} s"
         log.info(message)
         print(message, flush=True)
