@@ -190,6 +190,11 @@ class LocalUpdateConfig:
     compression: what crosses the replica link: "none" (fp32), "bfloat16", or "int8" with per-block scales
         of ``compression_block`` elements.
     outer_state_device: where the anchor and outer momentum live: "device" or "cpu" (saves device memory).
+    outer_state_sharding: True: each of the R replicas keeps only its 1/R slice of the anchor, the outer momentum
+        and the previous outer step; the round's all-reduce becomes a reduce-scatter, the outer step runs on the
+        owned slice, and an all-gather returns the new parameters (in the background, like the all-reduce).
+        Composes with outer_state_device and compression (the reduce-scatter is compressed, the all-gather of
+        the anchor stays fp32). Resume needs the same replica count.
     """
 
     # Accepted spelling of keys that are Python keywords (``{"async": True}`` in the issue's examples).
@@ -205,6 +210,7 @@ class LocalUpdateConfig:
     compression: str = "none"
     compression_block: int = 2048
     outer_state_device: str = "device"
+    outer_state_sharding: bool = False
 
     @property
     def enabled(self) -> bool:
@@ -218,7 +224,7 @@ class LocalUpdateConfig:
 
         if self.tau is not None and (isinstance(self.tau, bool) or not isinstance(self.tau, int) or self.tau < 1):
             raise _err("local_update.tau", self.tau, "use a positive integer (local steps per outer round), or null")
-        for key in ("asynchronous", "staleness_penalty"):
+        for key in ("asynchronous", "staleness_penalty", "outer_state_sharding"):
             if not isinstance(getattr(self, key), bool):
                 raise _err(f"local_update.{key}", getattr(self, key), "use true or false")
         if self.outer_optimizer not in OUTER_OPTIMIZERS:

@@ -1,5 +1,5 @@
 """CO2 local updates: exactness against DDP, golden values from an independent simulation, the clipping and
-race defects of the reference code, overlap timestamps, bitwise resume, bad input."""
+race defects of the reference code, overlap timestamps, bitwise resume, bad input, the sharded outer state."""
 from __future__ import annotations
 
 import threading
@@ -44,6 +44,7 @@ def engine_run(rank: int, world: int, sharding: dict[str, Any], lu: dict[str, An
     out = {"params": full_params(model), "step_times": step_times}
     if engine.local_update is not None:
         out["outer_steps"] = engine.local_update.outer_steps
+        out["outer_state_bytes"] = engine.local_update.outer_state_bytes
         if engine.local_update.background is not None:
             out["rounds"] = [vars(t) for t in engine.local_update.background.history]
     engine.close()  # before the harness destroys the process group: a round may still be reducing
@@ -215,8 +216,9 @@ def _slow_reduction(engine: Any, model: Any, opt: Any) -> None:
     background.reduce = slow
 
 
-def test_slow_reduction_overlaps_local_steps_and_keeps_their_progress() -> None:
-    lu = {**CO2, "tau": 3}
+@pytest.mark.parametrize("outer_state_sharding", [False, True])  # True: the whole sharded round is held
+def test_slow_reduction_overlaps_local_steps_and_keeps_their_progress(outer_state_sharding: bool) -> None:
+    lu = {**CO2, "tau": 3, "outer_state_sharding": outer_state_sharding}
     steps = 10  # boundaries after 3, 6, 9
     want = simulate(2, steps, BATCH, lu)
     got = run_distributed(_run, 2, dict(sharding={"stage": 0}, lu=lu, steps=range(steps), setup=_slow_reduction))
@@ -232,8 +234,9 @@ def test_slow_reduction_overlaps_local_steps_and_keeps_their_progress() -> None:
 
 
 # -- checkpoints ----------------------------------------------------------------------------------------------------
-def _resume(rank: int, world: int, sharding: dict, ckpt: str, local_world: int) -> dict[str, Any]:
-    kw = dict(lu=CO2, local_world=local_world)
+def _resume(rank: int, world: int, sharding: dict, ckpt: str, local_world: int,
+            lu: dict[str, Any] = CO2) -> dict[str, Any]:
+    kw = dict(lu=lu, local_world=local_world)
     straight = engine_run(rank, world, sharding, steps=range(0, 7), **kw)
     # saved after step 5: the round launched at the boundary after step 4 is still in flight
     engine_run(rank, world, sharding, steps=range(0, 5), save_to=ckpt, **kw)
@@ -241,13 +244,16 @@ def _resume(rank: int, world: int, sharding: dict, ckpt: str, local_world: int) 
     return {"straight": straight["params"], "resumed": resumed["params"], "outer_steps": resumed["outer_steps"]}
 
 
-@pytest.mark.parametrize("world, sharding, local_world", [
-    (2, {"stage": 0}, 2),
-    pytest.param(4, {"stage": 2, "hybrid": True, "shard_size": 2}, 2, marks=pytest.mark.slow),
+@pytest.mark.parametrize("world, sharding, local_world, lu", [
+    (2, {"stage": 0}, 2, CO2),
+    (2, {"stage": 0}, 2, {**CO2, "outer_state_sharding": True}),  # each rank saves and reloads its own slice
+    pytest.param(4, {"stage": 2, "hybrid": True, "shard_size": 2}, 2, CO2, marks=pytest.mark.slow),
+    pytest.param(4, {"stage": 2, "hybrid": True, "shard_size": 2}, 2, {**CO2, "outer_state_sharding": True},
+                 marks=pytest.mark.slow),
 ])
 def test_resume_with_a_round_in_flight_is_bitwise_equal(tmp_path: Path, world: int, sharding: dict,
-                                                       local_world: int) -> None:
-    results = run_distributed(_resume, world, sharding, str(tmp_path / "ckpt"), local_world)
+                                                       local_world: int, lu: dict) -> None:
+    results = run_distributed(_resume, world, sharding, str(tmp_path / "ckpt"), local_world, lu)
     for got in results:
         assert got["outer_steps"] == 2  # the saved round was applied after the resume, at step 6
         for name, value in got["straight"].items():
@@ -265,6 +271,8 @@ def test_resume_with_a_round_in_flight_is_bitwise_equal(tmp_path: Path, world: i
     ({"outer_lr": 0.7}, "local updates are off (local_update.tau=null)"),
     ({"tau": 2, "outer": 1}, "unknown key(s) ['local_update.outer']"),
     ({"tau": 2, "offload": True}, "local updates with an offloaded optimizer are not supported yet"),
+    ({"tau": 2, "outer_state_sharding": "yes"}, "local_update.outer_state_sharding='yes' is not valid: use true or false"),
+    ({"outer_state_sharding": True}, "local_update.outer_state_sharding=True is not valid: local updates are off"),
 ])
 def test_bad_local_update_settings_name_the_key(data: dict, message: str) -> None:
     from memtrain import ConfigError, MemTrainConfig
@@ -274,6 +282,21 @@ def test_bad_local_update_settings_name_the_key(data: dict, message: str) -> Non
     with pytest.raises(ConfigError) as err:
         MemTrainConfig.from_dict({"local_update": data, **other})
     assert message in str(err.value)
+
+
+def _mismatched_resume(rank: int, world: int, ckpt: str) -> str:
+    engine_run(rank, world, {"stage": 0}, {**CO2, "outer_state_sharding": True}, range(3), save_to=ckpt)
+    try:
+        engine_run(rank, world, {"stage": 0}, CO2, range(3, 4), load_from=ckpt)
+    except ValueError as e:
+        return str(e)
+    return "loaded"
+
+
+def test_sharded_outer_state_refuses_an_unsharded_resume(tmp_path: Path) -> None:
+    """Each rank saved only its slice: resuming without sharding (or with another replica count) is refused."""
+    for message in run_distributed(_mismatched_resume, 2, str(tmp_path / "ckpt")):
+        assert "'outer_state_sharding': 2" in message and "outer state sharding (replica count)" in message
 
 
 def test_async_key_of_the_issue_is_accepted() -> None:
@@ -342,9 +365,20 @@ def test_registered_co2_names() -> None:
         assert cfg.local_update.asynchronous and cfg.local_update.staleness_penalty
 
 
-def _compressed(rank: int, world: int) -> dict[str, Any]:
-    return {c: engine_run(rank, world, {"stage": 0}, {**CO2, "compression": c, "compression_block": 64}, range(9))["params"]
+def _compressed(rank: int, world: int, sharded: bool = False) -> dict[str, Any]:
+    lu = {**CO2, "compression_block": 64, "outer_state_sharding": sharded}
+    return {c: engine_run(rank, world, {"stage": 0}, {**lu, "compression": c}, range(9))["params"]
             for c in ("bfloat16", "int8")}
+
+
+def test_sharded_outer_state_composes_with_compression() -> None:
+    """The reduce-scatter carries bf16, or int8 blocks (an all-to-all: each owner receives only its slice's
+    blocks, aligned with the unsharded path's; 29,504 / 2 is not a multiple of 64, so the slices are padded):
+    the same parameters as the unsharded compressed rounds, up to the penalty's piecewise rms."""
+    plain, sharded = run_distributed(_compressed, 2), run_distributed(_compressed, 2, True)
+    for p, s in zip(plain, sharded):
+        for compression in p:
+            assert_close_params(s[compression], p[compression], rtol=0, atol=1e-6)
 
 
 def test_compressed_rounds_stay_close_to_fp32() -> None:
@@ -354,3 +388,43 @@ def test_compressed_rounds_stay_close_to_fp32() -> None:
         for compression, params in got.items():
             worst = max((params[n] - want[rank][n]).abs().max().item() for n in params)
             assert 0 < worst < 2e-3, (compression, worst)
+
+
+# -- outer state sharded across the replica group ----------------------------------------------------------------
+SYNC = {"tau": 2, "asynchronous": False, "outer_lr": 0.8, "outer_momentum": 0.5, "outer_clip": 2e-3}
+
+
+def _sharded_and_not(rank: int, world: int, lu: dict, optimizer: str, sharding: dict, local_world: int,
+                     steps: int) -> dict[str, Any]:
+    def run(on: bool) -> dict[str, Any]:
+        return engine_run(rank, world, sharding, {**lu, "outer_state_sharding": on}, range(steps),
+                          optimizer=optimizer, local_world=local_world)
+
+    return {"plain": run(False), "sharded": run(True)}
+
+
+@pytest.mark.parametrize("world, lu, optimizer, sharding, local_world", [
+    (2, SYNC, "adamw", {"stage": 0}, 2),
+    (2, CO2, "adamw", {"stage": 0}, 2),
+    (4, SYNC, "sgd", {"stage": 0}, 4),
+    (4, CO2, "sgd", {"stage": 0}, 4),
+    pytest.param(4, CO2, "sgd", {"stage": 3, "hybrid": True, "shard_size": 2}, 2, marks=pytest.mark.slow),
+])
+def test_sharded_outer_state_matches_unsharded(world: int, lu: dict, optimizer: str, sharding: dict,
+                                               local_world: int) -> None:
+    steps = 9  # four boundaries: with CO2 three outer steps applied and one round in flight
+    results = run_distributed(_sharded_and_not, world, lu, optimizer, sharding, local_world, steps)
+    replicas = world // sharding.get("shard_size", 1)
+    for got in results:
+        plain, sharded = got["plain"], got["sharded"]
+        assert sharded["outer_steps"] == plain["outer_steps"] == (4 if lu is SYNC else 3)
+        if lu is SYNC:  # element-wise outer step, and gloo's reduce-scatter sums in its all-reduce's order
+            for name, value in plain["params"].items():
+                assert torch.equal(sharded["params"][name], value), name
+        else:  # the penalty's rms of a tensor split between two owners is summed in two pieces (last bits)
+            assert_close_params(sharded["params"], plain["params"], rtol=0, atol=1e-6)
+        # the outer state (anchor, momentum, previous step) of one rank is 1/R of the unsharded one's (the tiny
+        # model's 29,504 parameters, and a hybrid rank's 14,752, divide by R: no padding)
+        assert sharded["outer_state_bytes"] * replicas == plain["outer_state_bytes"], (sharded, plain)
+    pieces = 29504 // sharding.get("shard_size", 1)  # this rank's flat parameters (its FSDP shard when hybrid)
+    assert plain["outer_state_bytes"] == 4 * pieces * (3 if lu is CO2 else 2)  # anchor, momentum (+ previous step)

@@ -4,6 +4,8 @@ Runs on the background thread (or inline in synchronous mode) over the replica g
 bf16 halves the bytes and sums in bf16 across replicas; int8 quarters them: each replica sends its blocks
 quantized with one fp32 scale per ``block`` elements (max |x| / 127), every replica gathers all of them and
 averages the dequantized values in fp32. Rounding error is not fed back into the next round.
+``owned_mean`` is the reduce-scatter form (outer state sharded, ``sharded.py``): each replica gets only the
+mean of its own slice; int8 then sends each owner just its slice's blocks (all-to-all) instead of all of them.
 """
 from __future__ import annotations
 
@@ -38,6 +40,25 @@ class ReplicaMean:
         out = flat.clone()
         dist.all_reduce(out, group=self.group)
         return out.div_(self.size)
+
+    @torch.no_grad()
+    def owned_mean(self, padded: torch.Tensor) -> torch.Tensor:
+        """The mean over the group of this rank's 1/size slice of ``padded`` (only read; for int8 its slices must
+        be whole blocks). Sums in the same rank order as ``__call__`` for int8."""
+        chunk = padded.numel() // self.size
+        if self.compression == "int8":
+            q, scales = quantize_int8(padded, self.block)
+            q_in, s_in = torch.empty_like(q), torch.empty_like(scales)
+            dist.all_to_all_single(q_in, q, group=self.group)
+            dist.all_to_all_single(s_in, scales, group=self.group)
+            total = torch.zeros(chunk, dtype=torch.float32, device=padded.device)
+            for qi, si in zip(q_in.chunk(self.size), s_in.chunk(self.size)):
+                total.add_(dequantize_int8(qi, si, chunk, self.block))
+            return total.div_(self.size)
+        wire = padded.to(torch.bfloat16) if self.compression == "bfloat16" else padded
+        out = torch.empty(chunk, dtype=wire.dtype, device=padded.device)
+        dist.reduce_scatter_single(out, wire, group=self.group)
+        return out.float().div_(self.size)
 
     def _int8_mean(self, flat: torch.Tensor) -> torch.Tensor:
         q, scales = quantize_int8(flat, self.block)

@@ -1,7 +1,8 @@
 """The replica group of this rank: the ranks that hold the same shard position on the replicate dimension.
 
 A dedicated process group (not the mesh's), so the background all-reduce never interleaves with collectives
-the training thread issues on other groups.
+the training thread issues on other groups. ``mesh_group`` is likewise the background thread's own group over
+the whole mesh (the sharded outer state's staleness penalty sums over replicas and shards there).
 """
 from __future__ import annotations
 
@@ -36,3 +37,8 @@ def replica_group(mesh: DeviceMesh, backend: str | None = None) -> dist.ProcessG
             mine = group
     assert mine is not None
     return mine
+
+
+def mesh_group(mesh: DeviceMesh, backend: str | None = None) -> dist.ProcessGroup:
+    """Every rank calls this (new_group is collective): a group of all the mesh's ranks, used by nothing else."""
+    return dist.new_group(mesh.mesh.flatten().tolist(), backend=backend)

@@ -22,7 +22,8 @@ step but is applied *after* it: the model has moved by s in between. CO2 penalis
 gap (after Gap-Aware, Barkai et al. 2020). Our reading, stated exactly: element-wise, with the gap measured in units of the update it scales,
     Lambda = 1 + |s| / (rms(g_bar over the tensor) + eps)        (per parameter tensor, i.e. layer-wise)
 (the rms is over the whole tensor, also when this rank holds a shard of it: one small all-reduce over the
-shard group, so the penalty is the same at every ZeRO stage)
+shard group, so the penalty is the same at every ZeRO stage; with the outer state sharded across replicas each
+owner holds a slice of A, m, s and the rms sums the owners' pieces, see ``sharded.py``)
 so Lambda = 1 (no penalty) while the model has not moved, and an element whose anchor moved by k times the
 pseudo-gradient's typical size gets its update divided by 1 + k. The reference implementation (fairscale-CO2
 ``co2.py``) divided by a constant; its clipping called ``torch.clamp`` out of place and dropped the result.
@@ -66,6 +67,14 @@ class OuterOptimizer:
     @torch.no_grad()
     def step(self, pseudo_grad: torch.Tensor) -> torch.Tensor:
         """Apply one outer step with the replicas' mean pseudo-gradient; returns the new anchor."""
+        self.update(pseudo_grad)
+        self.steps += 1
+        return self.anchor
+
+    @torch.no_grad()
+    def update(self, pseudo_grad: torch.Tensor) -> torch.Tensor:
+        """The math of ``step`` without counting it: the sharded round (``sharded.py``) updates on the background
+        thread, and the step is counted when the training thread applies it, as in the unsharded path."""
         d = pseudo_grad.to(self.anchor.device, torch.float32)
         if self.penalty:
             d = d / self.gap_penalty(d)
@@ -81,8 +90,12 @@ class OuterOptimizer:
             self.anchor.add_(self.last_step)
         else:
             self.anchor.add_(update, alpha=-self.lr)
-        self.steps += 1
         return self.anchor
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of outer state this rank holds (anchor, momentum, previous step)."""
+        return sum(t.numel() * t.element_size() for t in (self.anchor, self.momentum, self.last_step) if t is not None)
 
     def state_dict(self) -> dict[str, object]:
         return {"anchor": self.anchor, "momentum": self.momentum, "last_step": self.last_step, "steps": self.steps}

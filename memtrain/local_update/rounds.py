@@ -12,6 +12,12 @@ Every ``tau`` optimizer steps (a boundary):
 In asynchronous mode each replica thus keeps its own newest round of progress (-g) on top of the anchor
 until its average arrives one round later: progress made during the overlap is never overwritten, and every
 round's progress enters the anchor exactly once. The first asynchronous boundary has nothing to apply yet.
+
+With ``outer_state_sharding`` each replica holds only its slice of A and m (``sharded.py``): the round becomes
+reduce-scatter, outer step on the slice, all-gather, all of it where the all-reduce ran (on the background
+thread in asynchronous mode), and its result is the new anchor A itself, applied at the next boundary as above.
+The full anchor is gathered on the training thread only when no round is pending (the first boundary, after
+``synchronize``), before any launch, so two threads never run collectives on the replica group at once.
 """
 from __future__ import annotations
 
@@ -26,11 +32,15 @@ from memtrain.local_update.compress import ReplicaMean
 from memtrain.local_update.flat import FlatParams, local_tensor
 from memtrain.local_update.outer import OuterOptimizer
 from memtrain.local_update.overlap import BackgroundReduce
+from memtrain.local_update.sharded import ShardedOuter
 
 
 class LocalUpdate:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, config: LocalUpdateConfig,
-                 group: dist.ProcessGroup, shard_group: dist.ProcessGroup | None = None) -> None:
+                 group: dist.ProcessGroup, shard_group: dist.ProcessGroup | None = None,
+                 stats_group: dist.ProcessGroup | None = None) -> None:
+        """``stats_group``: every rank of the mesh; needed only for the staleness penalty with the outer state
+        sharded on a mesh with shard groups (its per-tensor rms spans replicas and shards)."""
         assert config.tau is not None
         self.config, self.optimizer, self.group = config, optimizer, group
         self.flat = FlatParams(model)
@@ -40,12 +50,21 @@ class LocalUpdate:
         outer_device = torch.device("cpu") if config.outer_state_device == "cpu" else self.flat.device
         x = self.flat.read()
         self.base = x
-        self.outer = OuterOptimizer(
-            x.to(outer_device, copy=True), self.flat.segments, optimizer=config.outer_optimizer, lr=config.outer_lr,
-            momentum=config.outer_momentum, clip=config.outer_clip, staleness_penalty=config.staleness_penalty,
-            tensor_numels=self.flat.tensor_numels, sum_over_shards=self._sum_over_shards)
         self.mean = ReplicaMean(group, config.compression, config.compression_block)
-        self.background = BackgroundReduce(self.mean, self.flat.device) if config.asynchronous else None
+        self.sharded: ShardedOuter | None = None
+        anchor, segments, sums = x, self.flat.segments, self._sum_over_shards
+        if config.outer_state_sharding:
+            if stats_group is None and self.shard_group is not None and config.staleness_penalty:
+                raise ValueError("the staleness penalty of a sharded outer state on a mesh with shard groups needs "
+                                 "stats_group (every rank of the mesh)")
+            self.sharded = ShardedOuter(self.mean, self.flat.numel, stats_group or group)
+            anchor, segments, sums = self.sharded.own(x), self.sharded.segments(segments), self.sharded.sum_over_owners
+        self.outer = OuterOptimizer(
+            anchor.to(outer_device, copy=True), segments, optimizer=config.outer_optimizer, lr=config.outer_lr,
+            momentum=config.outer_momentum, clip=config.outer_clip, staleness_penalty=config.staleness_penalty,
+            tensor_numels=self.flat.tensor_numels, sum_over_shards=sums)
+        self._round = self._sharded_round if self.sharded is not None else self.mean
+        self.background = BackgroundReduce(self._round, self.flat.device) if config.asynchronous else None
         self._ready: torch.Tensor | None = None  # a finished reduction not applied yet (after a checkpoint)
         self.local_steps = 0
         self._inner_step = optimizer.step
@@ -83,20 +102,46 @@ class LocalUpdate:
     def in_flight(self) -> bool:
         return self._ready is not None or (self.background is not None and self.background.in_flight)
 
-    def _apply_to_anchor(self, mean_pseudo_grad: torch.Tensor) -> torch.Tensor:
-        return self.outer.step(mean_pseudo_grad).to(self.flat.device)
+    def _apply_to_anchor(self, result: torch.Tensor) -> torch.Tensor:
+        """The anchor after the finished round ``result`` (the mean pseudo-gradient, or with a sharded outer state
+        the new anchor its round already computed)."""
+        if self.sharded is not None:
+            self.outer.steps += 1  # counted when applied, as unsharded: outer_steps never races the thread
+            return result
+        return self.outer.step(result).to(self.flat.device)
+
+    @torch.no_grad()
+    def _sharded_round(self, g: torch.Tensor) -> torch.Tensor:
+        """Reduce-scatter, outer step on the owned slice, all-gather: the new full anchor (``g`` is only read)."""
+        assert self.sharded is not None
+        self.outer.update(self.sharded.mean_of_owned(g))
+        return self.sharded.gather(self.outer.anchor, self.flat.device)
+
+    def _current_anchor(self) -> torch.Tensor:
+        """The full anchor on the parameters' device (sharded: an all-gather, so never while a round runs)."""
+        if self.sharded is not None:
+            return self.sharded.gather(self.outer.anchor, self.flat.device)
+        return self.outer.anchor.to(self.flat.device)
+
+    def _set_anchor(self, full: torch.Tensor) -> None:
+        self.outer.anchor.copy_(self.sharded.own(full) if self.sharded is not None else full)
+
+    @property
+    def outer_state_bytes(self) -> int:
+        """Bytes of outer state (anchor, momentum, previous outer step) this rank holds."""
+        return self.outer.state_bytes
 
     @torch.no_grad()
     def boundary(self) -> None:
         x = self.flat.read()
         g = self.base.sub(x)  # the snapshot: later local steps write x, never g
         if self.background is None:
-            x = self._apply_to_anchor(self.mean(g)).clone()
+            x = self._apply_to_anchor(self._round(g)).clone()
         else:
             previous = self._take_finished()
+            anchor = self._current_anchor() if previous is None else None  # may gather: before the launch
             self.background.launch(g)  # reduces while the outer step below and the next tau steps run
-            anchor = self._apply_to_anchor(previous) if previous is not None else self.outer.anchor.to(x.device)
-            x = anchor.sub(g)
+            x = (anchor if anchor is not None else self._apply_to_anchor(previous)).sub(g)
         self.flat.write(x)
         # Parameters stored in a lower precision round on write: measure the next round from what they hold.
         self.base = x if self.flat.all_fp32 else self.flat.read()
@@ -114,9 +159,9 @@ class LocalUpdate:
         """Make every replica equal now (end of training, evaluation): apply the round in flight, then average
         the progress not yet averaged. The outer loop continues from there."""
         previous = self._take_finished()
-        anchor = self._apply_to_anchor(previous) if previous is not None else self.outer.anchor.to(self.flat.device)
+        anchor = self._apply_to_anchor(previous) if previous is not None else self._current_anchor()
         x = anchor.sub(self.mean(self.base.sub(self.flat.read())))
-        self.outer.anchor.copy_(x)
+        self._set_anchor(x)
         self.flat.write(x)
         self.base = x if self.flat.all_fp32 else self.flat.read()
 
@@ -148,7 +193,7 @@ class LocalUpdate:
         cpu = lambda t: None if t is None else t.detach().to("cpu", copy=True)  # noqa: E731
         return {
             "local_steps": self.local_steps,
-            "config": {"tau": self.config.tau, "asynchronous": self.config.asynchronous},
+            "config": self._saved_config(),
             "base": cpu(self.base),
             "ready": cpu(self._ready),
             "outer": {k: cpu(v) if isinstance(v, torch.Tensor) else v for k, v in self.outer.state_dict().items()},
@@ -156,11 +201,19 @@ class LocalUpdate:
             "optimizer": [cpu(t) if isinstance(t, torch.Tensor) else t for t in _optimizer_values(self.optimizer)],
         }
 
+    def _saved_config(self) -> dict[str, Any]:
+        """What must match on resume; the sharding key only when on, so unsharded checkpoints keep their form."""
+        saved: dict[str, Any] = {"tau": self.config.tau, "asynchronous": self.config.asynchronous}
+        if self.sharded is not None:  # each rank saves its own slice: the same replica count must load it
+            saved["outer_state_sharding"] = self.replicas
+        return saved
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         saved = state["config"]
-        if saved != {"tau": self.config.tau, "asynchronous": self.config.asynchronous}:
-            raise ValueError(f"checkpoint was written with local_update {saved}; resume with the same tau and mode")
+        if saved != self._saved_config():
+            raise ValueError(f"checkpoint was written with local_update {saved}, this run has {self._saved_config()}: "
+                             "resume with the same tau, mode and outer state sharding (replica count)")
         if state["params"].numel() != self.flat.numel:
             raise ValueError("checkpointed local-update state does not match this model's parameters")
         if self.background is not None and self.background.in_flight:
@@ -185,7 +238,7 @@ class LocalUpdate:
         self._ready = None
         self._broadcast_from_first_replica_params()
         self.base = self.flat.read()
-        self.outer.anchor.copy_(self.base)
+        self._set_anchor(self.base)
 
     def _broadcast_from_first_replica_params(self) -> None:
         src = dist.get_global_rank(self.group, 0)
