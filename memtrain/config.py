@@ -347,7 +347,10 @@ class CheckpointConfig:
     keeper: the snapshot memory is owned by a keeper process per node (a crashed or killed trainer leaves its
         snapshot behind and the restarted one restores from it). False: the trainer owns it (no crash survival).
     keeper_dir: folder of the keeper's socket (default: ``/tmp/memtrain-<uid>``); keeper_idle_timeout_s: a
-        keeper with no trainer attached exits after this many seconds.
+        keeper with no trainer attached exits after this many seconds. job_name: names the keeper (default: the
+        launcher's job id, SLURM_JOB_ID or torchrun's run id, else "memtrain"); a restarted job must keep it,
+        two jobs running at once on one machine must not share it (the keeper refuses a second live trainer
+        for the same rank).
     redundancy: "replica": each rank's snapshot is also copied to a rank on the next node, so losing a whole
         node's memory is survivable; "xor": the same with XOR parity over ``parity_group_size`` nodes (one node
         per group may be lost; each rank holds 1/(group size - 1) of a snapshot instead of a whole copy);
@@ -361,6 +364,7 @@ class CheckpointConfig:
     keeper: bool = True
     keeper_dir: str | None = None
     keeper_idle_timeout_s: float = 600.0
+    job_name: str | None = None
     redundancy: str = "none"
     parity_group_size: int = 3
     dirpath: str | None = None
@@ -384,6 +388,9 @@ class CheckpointConfig:
         size = self.parity_group_size
         if isinstance(size, bool) or not isinstance(size, int) or size < 2:
             raise _err("checkpoint.parity_group_size", size, "use an integer >= 2 (nodes per XOR parity group)")
+        if self.job_name is not None and (not isinstance(self.job_name, str) or not self.job_name
+                                          or "/" in self.job_name):
+            raise _err("checkpoint.job_name", self.job_name, "use a non-empty name without '/', or null")
         if self.redundancy not in REDUNDANCIES:
             raise _err("checkpoint.redundancy", self.redundancy, f"choose one of {list(REDUNDANCIES)}")
         if self.persist_every_n_snapshots and not self.dirpath:

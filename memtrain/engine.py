@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -205,8 +206,10 @@ class Engine:
         section). Returns whether one started."""
         if self.checkpoints is None or not self.checkpoints.due(step):
             return False
+        start = time.perf_counter()
         tensors, rank_state = self._checkpoint_parts(model, optimizer, rank_state)
         buffers = {f"model.{name}" for name, _ in model.named_buffers()}  # change in forward: copied now
+        self.checkpoints.count_stall(time.perf_counter() - start)
         self.checkpoints.snapshot(step, tensors, meta, rank_state, stable_now=buffers)
         return True
 

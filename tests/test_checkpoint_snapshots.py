@@ -44,6 +44,10 @@ def _state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
 
 def _snapshot(manager: CheckpointManager, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
               **kwargs) -> None:
+    from memtrain.engine import apply_snapshots
+
+    if getattr(optimizer, "_memtrain_snapshots", None) is not manager:  # as the engine does: updates wait
+        apply_snapshots(optimizer, manager)  # for the pending copy (without it the next step races the copy)
     # Batch-norm statistics change in the next forward: copied before snapshot() returns (as the engine does).
     manager.snapshot(step, _state(model, optimizer), stable_now=[f"model.{n}" for n, _ in model.named_buffers()],
                      **kwargs)
@@ -111,14 +115,13 @@ def test_snapshot_survives_the_trainer_and_restores_bitwise(tmp_path: Path) -> N
     script = f"""
 import os, sys, torch
 sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
-from tests.test_checkpoint_snapshots import _manager, _model_and_optimizer, _train_step, _state
+from tests.test_checkpoint_snapshots import _manager, _model_and_optimizer, _snapshot, _train_step
 from pathlib import Path
 manager = _manager(Path({str(tmp_path)!r}))
 model, optimizer = _model_and_optimizer()
 for step in range(1, 4):
     _train_step(model, optimizer, step)
-    manager.snapshot(step, _state(model, optimizer), meta={{"step": step}}, rank_state={{"rng": torch.get_rng_state()}},
-                     stable_now=[f"model.{{n}}" for n, _ in model.named_buffers()])
+    _snapshot(manager, step, model, optimizer, meta={{"step": step}}, rank_state={{"rng": torch.get_rng_state()}})
 manager.wait()
 torch.save(model.state_dict(), {str(tmp_path / "want.pt")!r})
 print("ready", flush=True)
@@ -206,6 +209,10 @@ def test_dead_keeper_is_replaced_and_refilled(tmp_path: Path) -> None:
     manager.wait()
     second = _keeper_pid(tmp_path)
     assert second != first
+    # A second trainer as the same rank while the first is attached: two runs under one name, refused.
+    with pytest.raises(RuntimeError, match="share the job name"):
+        _manager(tmp_path)
+    manager.close()
     restarted = _manager(tmp_path)
     restored = restarted.restore(lambda: _state(*_model_and_optimizer()))
     # The template has no optimizer state (no step yet): its layout differs, so the snapshot is not used.
@@ -214,8 +221,7 @@ def test_dead_keeper_is_replaced_and_refilled(tmp_path: Path) -> None:
     _train_step(twin, twin_opt, 7)
     restored = restarted.restore(lambda: _state(twin, twin_opt))
     assert restored is not None and restored.step == 2
-    restarted.close()
-    manager.close(finished=True)
+    restarted.close(finished=True)
 
 
 def test_durable_flush_commits_checksums_and_retains(tmp_path: Path) -> None:

@@ -57,6 +57,11 @@ def peer_uid(conn: socket.socket) -> int:
     return uid
 
 
+def peer_pid(conn: socket.socket) -> int:
+    pid, _, _ = _PEERCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return pid
+
+
 class Keeper:
     """The server: a single-threaded loop over the listening socket and the attached trainers."""
 
@@ -64,6 +69,7 @@ class Keeper:
         self.path = path
         self.idle_timeout = idle_timeout
         self.segments: dict[str, tuple[int, int]] = {}  # name -> (memfd, size)
+        self.claims: dict[int, socket.socket] = {}  # rank -> the trainer attached as that rank
         self.selector = selectors.DefaultSelector()
         self.clients: set[socket.socket] = set()
 
@@ -102,6 +108,7 @@ class Keeper:
         self.selector.register(conn, selectors.EVENT_READ)
 
     def _drop_client(self, conn: socket.socket) -> None:
+        self.claims = {rank: c for rank, c in self.claims.items() if c is not conn}
         self.selector.unregister(conn)
         self.clients.discard(conn)
         conn.close()
@@ -147,6 +154,19 @@ class Keeper:
             for name in [n for n in self.segments if n.startswith(prefix)]:
                 os.close(self.segments.pop(name)[0])
             reply = {}
+        elif op == "claim":  # one live trainer per rank: two runs under one job name would mix snapshots
+            rank = int(request["rank"])
+            holder = self.claims.get(rank)
+            if holder is not None and holder is not conn and _closed(holder):  # it left; its EOF is not read yet
+                self._drop_client(holder)
+                holder = None
+            if holder is not None and holder is not conn:
+                reply = {"error": f"another trainer (pid {peer_pid(holder)}) is attached to this keeper as rank "
+                                  f"{rank}: two runs share the job name; give each its own "
+                                  "(checkpoint.job_name, or the launcher's job id)"}
+            else:
+                self.claims[rank] = conn
+                reply = {}
         elif op == "ping":
             reply = {"pid": os.getpid(), "segments": len(self.segments)}
         elif op == "shutdown":
@@ -241,6 +261,10 @@ class KeeperClient:
     def list(self, prefix: str = "") -> dict[str, int]:
         return self._request(op="list", prefix=prefix)[0]["segments"]
 
+    def claim(self, rank: int) -> None:
+        """Attach as ``rank``; refused (RuntimeError) while another live trainer is attached as that rank."""
+        self._request(op="claim", rank=rank)
+
     def drop(self, prefix: str) -> None:
         self._request(op="drop", prefix=prefix)
 
@@ -253,6 +277,16 @@ class KeeperClient:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _closed(conn: socket.socket) -> bool:
+    readable, _, _ = select.select([conn], [], [], 0)
+    if not readable:
+        return False
+    try:
+        return conn.recv(1, socket.MSG_PEEK) == b""
+    except OSError:
+        return True
 
 
 def _map(fd: int, size: int) -> mmap.mmap:

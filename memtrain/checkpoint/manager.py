@@ -95,7 +95,9 @@ class CheckpointManager:
         self.flush_group = dist.new_group(backend="gloo") if distributed and config.dirpath else None
         keeper = None
         if config.keeper:
+            job = config.job_name or job
             keeper = KeeperClient(socket_path(config.keeper_dir, job, self.node), config.keeper_idle_timeout_s)
+            keeper.claim(rank)
         self.store = SlotStore(keeper, pin=device_type == "cuda")
         self.replicator = (Replicator(self.store, rank, world, ranks_per_node, self.group)
                            if config.redundancy == "replica" else None)
@@ -124,6 +126,10 @@ class CheckpointManager:
     def latest_step(self) -> int | None:
         """The step of the newest snapshot started (its copy may still be running)."""
         return None if self._last is None else self._last[1]
+
+    def count_stall(self, seconds: float) -> None:
+        """Training time the caller spent for a snapshot before calling ``snapshot`` (building state dicts)."""
+        self.stats.stall_s += seconds
 
     def wait_flushes(self) -> None:
         """Durable writes queued so far are finished (before removing a checkpoint folder, for one)."""
@@ -216,7 +222,7 @@ class CheckpointManager:
             self._pinned[chosen].result()
         self._pinned.pop(chosen, None)
         self._raise_background_error()
-        if self.store.ensure_keeper():
+        if self.store.ensure_keeper(self.rank):
             log.warning("memtrain: the checkpoint keeper had died; a new one holds the snapshots from step %d on", step)
         slot, _ = self.store.open(chosen, segment_size(data_bytes, blob_bytes))
         self._launched[chosen] = step

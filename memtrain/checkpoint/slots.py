@@ -95,12 +95,13 @@ class SlotStore:
         self._local: dict[str, mmap.mmap] = {}
         self._open: dict[str, Slot] = {}
 
-    def ensure_keeper(self) -> bool:
+    def ensure_keeper(self, rank: int) -> bool:
         """Reconnect (starting a new keeper) when ours died; True if it did. Its memory died with it: every slot
         is opened afresh, and the next snapshot refills it."""
         if self.keeper is None or self.keeper.alive():
             return False
         self.keeper.reconnect()
+        self.keeper.claim(rank)
         self._open.clear()
         return True
 

@@ -17,6 +17,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
+from torch.optim.optimizer import _get_scalar_dtype
+
 from memtrain.offload import offload_state, param_offload_of
 from memtrain.sharding.zero1 import zero1_state
 
@@ -54,6 +56,31 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return zero1.state_dict() if zero1 is not None else get_optimizer_state_dict(model, optimizer)
 
 
+def allocate_adam_state(optimizer: torch.optim.Optimizer, trainable_only: bool = True) -> bool:
+    """Adam / AdamW: zeroed state for every trainable parameter, laid out as torch's first step makes it, without
+    running that step (torch's way, a zero-gradient step at lr 0, takes seconds on a large model and was most of
+    a restore from memory). ``trainable_only``: skip parameters that do not require grad, as torch's step does
+    (ZeRO-1's shards do not require grad but are all stepped). False for other optimizers, or when the state
+    exists already."""
+    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
+        return False
+    for group in optimizer.param_groups:
+        on_device = bool(group.get("fused") or group.get("capturable"))
+        scalar = _get_scalar_dtype(is_fused=bool(group.get("fused")))
+        for p in group["params"]:
+            if trainable_only and not p.requires_grad:
+                continue
+            state = {
+                "step": torch.zeros((), dtype=scalar, device=p.device) if on_device else torch.tensor(0.0, dtype=scalar),
+                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+            }
+            if group.get("amsgrad"):
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            optimizer.state[p] = state
+    return True
+
+
 def template_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """The optimizer state with every tensor allocated, for a checkpoint to be read into."""
     if offload_state(optimizer) is not None:
@@ -61,7 +88,9 @@ def template_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer)
     zero1 = zero1_state(optimizer)
     if zero1 is not None:
         zero1.init_state()
-    return optimizer_state(model, optimizer)  # torch's get_optimizer_state_dict initializes state itself
+    else:
+        allocate_adam_state(optimizer)
+    return optimizer_state(model, optimizer)  # other optimizers: torch's get_optimizer_state_dict initializes them
 
 
 def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:

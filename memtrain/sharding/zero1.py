@@ -148,7 +148,13 @@ class ShardedOptimizerState:
 
     def init_state(self) -> None:
         """Create the optimizer state (a zero-gradient step at lr 0) so that a checkpoint can load into it."""
+        from memtrain.checkpoint.state import allocate_adam_state
+
         if self.optimizer.state:
+            return
+        allocated: list[bool] = []  # Adam(W): allocated directly, keyed by the shards (the groups hold them here)
+        self._run_on_shards(lambda: allocated.append(allocate_adam_state(self.optimizer, trainable_only=False)))
+        if allocated[0]:
             return
         lrs = [group["lr"] for group in self.optimizer.param_groups]
         grads = [[s.param.grad for s in slots] for slots in self.slots]

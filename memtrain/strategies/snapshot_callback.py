@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import time
 from typing import Any
 
 
@@ -27,9 +28,11 @@ def snapshot_callback_class(namespace: str) -> type:
             if manager is None or step == self._last_step or step == 0 or not manager.due(step):
                 return  # accumulating (no optimizer step since the last batch), or not due
             self._last_step = step
+            start = time.perf_counter()
             checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
             tensors, meta, rank_state = self.strategy.split_checkpoint(checkpoint)
             buffers = {f"model.{name}" for name, _ in self.strategy.model.named_buffers()}  # change in forward
+            manager.count_stall(time.perf_counter() - start)
             manager.snapshot(step, tensors, meta, rank_state, stable_now=buffers)
             stats = manager.stats
             pl_module.log_dict({"memtrain/snapshot_stall_s": stats.stall_s / max(stats.snapshots, 1),
