@@ -5,6 +5,7 @@ at another: torch.distributed.checkpoint matches the global tensors and reads ju
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -56,14 +57,16 @@ def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[
     return zero1.state_dict() if zero1 is not None else get_optimizer_state_dict(model, optimizer)
 
 
-def allocate_adam_state(optimizer: torch.optim.Optimizer, trainable_only: bool = True) -> bool:
+def allocate_adam_state(optimizer: torch.optim.Optimizer, trainable_only: bool = True, zeroed: bool = True) -> bool:
     """Adam / AdamW: zeroed state for every trainable parameter, laid out as torch's first step makes it, without
     running that step (torch's way, a zero-gradient step at lr 0, takes seconds on a large model and was most of
     a restore from memory). ``trainable_only``: skip parameters that do not require grad, as torch's step does
-    (ZeRO-1's shards do not require grad but are all stepped). False for other optimizers, or when the state
-    exists already."""
+    (ZeRO-1's shards do not require grad but are all stepped). ``zeroed=False``: uninitialized moments, for a
+    template that a checkpoint or snapshot overwrites whole (saves a memset pass over the state on restore).
+    False for other optimizers, or when the state exists already."""
     if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW) or optimizer.state:
         return False
+    like = functools.partial(torch.zeros_like if zeroed else torch.empty_like, memory_format=torch.preserve_format)
     for group in optimizer.param_groups:
         on_device = bool(group.get("fused") or group.get("capturable"))
         scalar = _get_scalar_dtype(is_fused=bool(group.get("fused")))
@@ -72,11 +75,11 @@ def allocate_adam_state(optimizer: torch.optim.Optimizer, trainable_only: bool =
                 continue
             state = {
                 "step": torch.zeros((), dtype=scalar, device=p.device) if on_device else torch.tensor(0.0, dtype=scalar),
-                "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+                "exp_avg": like(p),
+                "exp_avg_sq": like(p),
             }
             if group.get("amsgrad"):
-                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["max_exp_avg_sq"] = like(p)
             optimizer.state[p] = state
     return True
 
@@ -88,8 +91,8 @@ def template_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer)
     zero1 = zero1_state(optimizer)
     if zero1 is not None:
         zero1.init_state()
-    else:
-        allocate_adam_state(optimizer)
+    else:  # every value is overwritten by the load (DCP refuses a checkpoint that lacks one): no need to zero
+        allocate_adam_state(optimizer, zeroed=False)
     return optimizer_state(model, optimizer)  # other optimizers: torch's get_optimizer_state_dict initializes them
 
 
