@@ -222,7 +222,7 @@ class Engine:
         restored = self.checkpoints.restore(lambda: self._template(model, optimizer))
         if restored is not None:
             self._apply_loaded(model, optimizer, restored.state, restored.rank_state)
-        elif fresh:  # the template's zero-gradient step made state (Adam's step count): the first step must not see it
+        elif fresh:  # the template allocated optimizer state (uninitialized): the first step must start from none
             optimizer.state.clear()
         return restored
 

@@ -331,7 +331,7 @@ def strategy_class(namespace: str) -> type:
                         connector._loaded_checkpoint = _pl_migrate_checkpoint(dict(restored.meta), None)
                         return
                     for optimizer, was_fresh in zip(self._raw_optimizers(), fresh):
-                        if was_fresh:  # the template's zero-gradient step made state: the first step must not see it
+                        if was_fresh:  # the template allocated optimizer state: the first step must start from none
                             optimizer.state.clear()
                 resume_start(checkpoint_path, weights_only)
 
