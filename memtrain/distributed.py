@@ -2,7 +2,7 @@
 
 Under torchrun the workers meet in the agent's store, and that store outlives a restart of the workers
 (torch 2.13, c10d rendezvous): the restarted ranks can read the addresses the killed ranks had published and
-fail with "Gloo connectFullMesh failed ... Connection refused". Each attempt here meets under its own prefix.
+fail with "Gloo connectFullMesh failed ... Connection refused". Each restarted attempt meets under its own prefix.
 Outside torchrun this is torch.distributed.init_process_group unchanged.
 """
 from __future__ import annotations
@@ -15,9 +15,10 @@ from torch.distributed.constants import default_pg_timeout
 
 
 def restartable_by_torchelastic() -> bool:
-    """Launched by torchrun with the agent's store (the case this module guards)."""
+    """A restarted attempt under torchrun with the agent's store (the case this module guards); the first
+    attempt has no stale keys and starts the default way."""
     env = os.environ
-    return env.get("TORCHELASTIC_RESTART_COUNT") is not None and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    return env.get("TORCHELASTIC_RESTART_COUNT", "0") != "0" and env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
 
 
 def init_process_group(backend: str, timeout: timedelta | None = None) -> None:
