@@ -325,12 +325,8 @@ class CheckpointManager:
         there is something to restore) from the newest step every rank can get: own keeper, then peers'
         replicas, then durable checkpoints. None: nothing to restore."""
         start = time.perf_counter()
-        own_headers = {}
-        for i in range(OWN_SLOTS):
-            slot = self.store.find(own_name(self.rank, i))
-            header = None if slot is None else slot.header()
-            if header is not None:
-                own_headers[header.step] = (slot, header)
+        own_headers = {step: (slot, slot.header()) for step, slot in
+                       self.store.committed([own_name(self.rank, i) for i in range(OWN_SLOTS)]).items()}
         held = self.replicator.held() if self.replicator is not None else {}
         parity = self.parity.held() if self.parity is not None else {}
         use_durable = use_durable and bool(self.config.dirpath)

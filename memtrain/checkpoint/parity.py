@@ -70,12 +70,8 @@ class ParityGroup:
         out[:part.numel()] = part
         return out.view(torch.int64)
 
-    def _free_slot(self, size: int) -> Slot:
-        names = [parity_name(self.rank, i) for i in range(PARITY_SLOTS)]
-        slots = [self.store.find(n) for n in names]
-        steps = [-1 if s is None or s.header() is None else s.header().step for s in slots]  # type: ignore[union-attr]
-        slot, _ = self.store.open(names[steps.index(min(steps))], size)
-        return slot
+    def _names(self) -> list[str]:
+        return [parity_name(self.rank, i) for i in range(PARITY_SLOTS)]
 
     def build(self, own: Slot, header: SlotHeader) -> int:
         """Collective over the group (snapshot thread): this member's parity block for ``header.step``."""
@@ -84,7 +80,7 @@ class ParityGroup:
         payload = own.payload(header.data_bytes, header.blob_bytes)
         chunk = self._chunk_bytes(payload.numel())
         table = torch.cat(headers).view(torch.uint8)
-        slot = self._free_slot(segment_size(chunk, table.numel()))
+        slot = self.store.open_oldest(self._names(), segment_size(chunk, table.numel()))
         slot.begin_write()
         block = slot.payload(chunk, 0).view(torch.int64)
         for holder in range(self.size):
@@ -101,13 +97,7 @@ class ParityGroup:
     # -- recovery ----------------------------------------------------------------------------------------------
     def held(self) -> dict[int, Slot]:
         """Complete parity blocks held here, by step."""
-        out = {}
-        for i in range(PARITY_SLOTS):
-            slot = self.store.find(parity_name(self.rank, i))
-            header = None if slot is None else slot.header()
-            if header is not None:
-                out[header.step] = slot
-        return out
+        return self.store.committed(self._names())
 
     def member_header(self, parity: Slot, member_index: int) -> SlotHeader:
         header = parity.header()

@@ -52,14 +52,8 @@ class Replicator:
         self.recv_from = replica_source(rank, world, ranks_per_node)
         self._next = 0
 
-    def _free_replica_slot(self, data_bytes: int, blob_bytes: int) -> Slot:
-        """The replica slot not holding the newest complete replica (alternating)."""
-        names = [replica_name(self.recv_from, i) for i in range(REPLICA_SLOTS)]
-        slots = [self.store.find(n) for n in names]
-        steps = [-1 if s is None or s.header() is None else s.header().step for s in slots]  # type: ignore[union-attr]
-        index = steps.index(min(steps))
-        slot, _ = self.store.open(names[index], segment_size(data_bytes, blob_bytes))
-        return slot
+    def _names(self) -> list[str]:
+        return [replica_name(self.recv_from, i) for i in range(REPLICA_SLOTS)]
 
     def exchange(self, own: Slot, header: SlotHeader) -> int:
         """Send ``own`` (committed at ``header``) to the buddy; receive and commit the source's. Returns its step."""
@@ -67,7 +61,7 @@ class Replicator:
         incoming = torch.empty_like(outgoing)
         self._pairwise(outgoing, incoming)
         theirs = _header_of(incoming)
-        replica = self._free_replica_slot(theirs.data_bytes, theirs.blob_bytes)
+        replica = self.store.open_oldest(self._names(), segment_size(theirs.data_bytes, theirs.blob_bytes))
         replica.begin_write()
         self._pairwise(own.payload(header.data_bytes, header.blob_bytes),
                        replica.payload(theirs.data_bytes, theirs.blob_bytes))
@@ -82,13 +76,7 @@ class Replicator:
 
     def held(self) -> dict[int, Slot]:
         """The complete replicas held here, by step."""
-        out = {}
-        for i in range(REPLICA_SLOTS):
-            slot = self.store.find(replica_name(self.recv_from, i))
-            header = None if slot is None else slot.header()
-            if header is not None:
-                out[header.step] = slot
-        return out
+        return self.store.committed(self._names())
 
 
 def transfer(slot: Slot | None, header: SlotHeader | None, src: int, dst: int, rank: int,

@@ -139,6 +139,22 @@ class SlotStore:
         tier = "host_pinned" if self.pin and torch.cuda.is_available() else "host"
         return {tier: sum(slot.size for slot in self._open.values())}
 
+    def committed(self, names: list[str]) -> dict[int, Slot]:
+        """The complete slots among ``names``, by the step they hold."""
+        out = {}
+        for name in names:
+            slot = self.find(name)
+            header = None if slot is None else slot.header()
+            if header is not None:
+                out[header.step] = slot
+        return out
+
+    def open_oldest(self, names: list[str], size: int) -> Slot:
+        """Of alternating slots, the one not holding the newest complete step (empty ones first)."""
+        held = {slot.name: step for step, slot in self.committed(names).items()}
+        slot, _ = self.open(min(names, key=lambda n: held.get(n, -1)), size)
+        return slot
+
     def names(self, prefix: str) -> list[str]:
         if self.keeper is None:
             return sorted(n for n in self._open if n.startswith(prefix))
