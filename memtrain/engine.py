@@ -44,7 +44,14 @@ from torch.distributed.tensor import DTensor
 from memtrain.activations import ActivationManager, apply_activations
 from memtrain.checkpoint.manager import CheckpointManager, Restored
 from memtrain.checkpoint.sharded import load_sharded, save_sharded
-from memtrain.checkpoint.state import load_training_state, model_state, template_optimizer_state, training_state
+from memtrain.checkpoint.state import (
+    holds_all,
+    load_training_state,
+    model_state,
+    state_is_held,
+    template_optimizer_state,
+    training_state,
+)
 from memtrain.config import MemTrainConfig
 from memtrain.local_update import LocalUpdate, apply_local_update, check_replicas, local_update_of
 from memtrain.offload import (
@@ -215,13 +222,18 @@ class Engine:
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> Restored | None:
         """Collective: the newest snapshot every rank can get (own keeper, peers, durable checkpoints), loaded
-        into model and optimizer; None when there is none (or snapshots are off)."""
+        into model and optimizer; None when there is none (or snapshots are off). From memory the optimizer's
+        state may still be arriving when this returns: its first step waits for it."""
         if self.checkpoints is None:
             return None
         fresh = not optimizer.state
-        restored = self.checkpoints.restore(lambda: self._template(model, optimizer))
+        late = ("optimizer",) if state_is_held(optimizer) else ()  # arrives while the first forward runs
+        restored = self.checkpoints.restore(lambda: self._template(model, optimizer), late=late)
         if restored is not None:
             self._apply_loaded(model, optimizer, restored.state, restored.rank_state)
+            if restored.late and not holds_all([optimizer], restored.late):
+                self.checkpoints.wait_copied()  # the load copied the state elsewhere: load it again, whole
+                self._apply_loaded(model, optimizer, restored.state, restored.rank_state)
         elif fresh:  # the template allocated optimizer state (uninitialized): the first step must start from none
             optimizer.state.clear()
         return restored
@@ -258,11 +270,21 @@ class Engine:
 def apply_snapshots(optimizer: torch.optim.Optimizer, manager: CheckpointManager) -> None:
     """Every update of ``optimizer`` first waits for the pending snapshot copy (the only stall snapshots add)."""
     inner_step = optimizer.step
+    # torch's own optimizers run a closure once, before updating: run it before the wait, so that forward and
+    # backward (Lightning passes them as the closure) overlap the copy. LBFGS calls its closure repeatedly.
+    closure_first = (type(optimizer).__module__.startswith("torch.optim.")
+                     and not isinstance(optimizer, torch.optim.LBFGS))
 
     @functools.wraps(inner_step)  # keeps the LR scheduler's marker: no "step() overridden" warning
-    def step(*args: Any, **kwargs: Any) -> Any:
+    def step(closure: Callable[[], Any] | None = None, **kwargs: Any) -> Any:
+        if closure is None or not closure_first:
+            manager.wait_copied()
+            return inner_step(**kwargs) if closure is None else inner_step(closure, **kwargs)
+        with torch.enable_grad():
+            loss = closure()
         manager.wait_copied()
-        return inner_step(*args, **kwargs)
+        inner_step(**kwargs)
+        return loss
 
     optimizer.step = step  # type: ignore[method-assign]
     optimizer._memtrain_snapshots = manager  # type: ignore[attr-defined]  (telemetry counts its memory)

@@ -453,3 +453,142 @@ def test_xor_parity_rebuilds_a_lost_member() -> None:
     for lost in (0, 2):
         results = run_distributed(_parity_round_trip, 3, lost)
         assert results[lost] == b"per-rank values %d" % lost
+
+
+def _late_restore_run(rank: int, world: int, tmp: str, stage: int) -> dict:
+    """A restart from the keeper: the optimizer state arrives after restore() returns, into the very tensors the
+    optimizer steps with, and training goes on exactly as if it had never stopped."""
+    from memtrain import Engine, MemTrainConfig
+    from memtrain.checkpoint.state import holds_all
+    from tests.parity import BATCH_SIZE, full_params, global_batch, make_optimizer, rank_backward, tiny_gpt
+
+    config = MemTrainConfig.from_dict({"sharding": {"stage": stage},
+                                       "checkpoint": {"snapshot_every_n_steps": 1, "keeper_dir": f"{tmp}/keeper"}})
+
+    def build() -> tuple[Engine, nn.Module, torch.optim.Optimizer]:
+        engine = Engine.create(config, world, world, "cpu")
+        model = engine.prepare_model(tiny_gpt())
+        return engine, model, engine.prepare_optimizer(make_optimizer(model), model)
+
+    def train(engine: Engine, model: nn.Module, optimizer: torch.optim.Optimizer, steps: range,
+              snapshots: bool = True) -> None:
+        for step in steps:
+            rank_backward(engine, model, *global_batch(step, BATCH_SIZE), rank, world)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if snapshots:
+                engine.snapshot(step + 1, model, optimizer)
+
+    engine, model, optimizer = build()
+    train(engine, model, optimizer, range(0, 5))
+    engine.checkpoints.wait()
+    train(engine, model, optimizer, range(5, 7), snapshots=False)  # the run that never stopped
+    want = full_params(model)
+    engine.close()  # not finished: the keeper keeps the snapshot of step 5
+    engine, model, optimizer = build()
+    restored = engine.restore(model, optimizer)
+    assert restored is not None and restored.step == 5 and restored.source == "keeper"
+    assert restored.late, "the optimizer state should be filled in the background"
+    assert holds_all([optimizer], restored.late), "the late tensors must be the optimizer's own"
+    train(engine, model, optimizer, range(5, 7))
+    assert engine.checkpoints.stats.restore_complete_s is not None
+    got = full_params(model)
+    engine.close(finished=True)
+    return {"want": want, "got": got}
+
+
+@pytest.mark.parametrize("stage", [0, 3])
+def test_restore_fills_optimizer_state_late_and_training_matches(tmp_path: Path, stage: int) -> None:
+    from tests.distributed import run_distributed
+
+    for result in run_distributed(_late_restore_run, 2, str(tmp_path), stage):
+        for name, value in result["got"].items():
+            assert torch.equal(value, result["want"][name]), name
+
+
+def _copying_load_run(rank: int, world: int, tmp: str) -> None:
+    import threading
+
+    from memtrain import Engine, MemTrainConfig
+
+    config = MemTrainConfig.from_dict({"sharding": {"stage": 0},
+                                       "checkpoint": {"snapshot_every_n_steps": 1, "keeper_dir": f"{tmp}/keeper"}})
+
+    def build() -> tuple[Engine, nn.Module, torch.optim.Optimizer]:
+        engine = Engine.create(config, world, world, "cpu")
+        model = engine.prepare_model(_model_and_optimizer()[0])
+        return engine, model, engine.prepare_optimizer(torch.optim.AdamW(model.parameters(), lr=1e-2), model)
+
+    engine, model, optimizer = build()
+    for step in range(1, 4):
+        _train_step(model, optimizer, step)
+        engine.snapshot(step, model, optimizer)
+    engine.checkpoints.wait()
+    want = {id_: {k: v.clone() for k, v in s.items()} for id_, s in optimizer.state_dict()["state"].items()}
+    engine.close()
+
+    engine, model, optimizer = build()
+    release = threading.Event()
+    engine.checkpoints._snapshot_thread.submit(release.wait)  # the late copy cannot start before the load
+    original = Engine._apply_loaded
+
+    def copying_load(model_: nn.Module, optimizer_: torch.optim.Optimizer, state: dict, rank_state: dict | None):
+        original(model_, optimizer_, state, rank_state)
+        for s in optimizer_.state.values():
+            for key, value in s.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    s[key] = value.clone()  # as a load that copies would leave it
+        release.set()
+
+    Engine._apply_loaded = staticmethod(copying_load)  # type: ignore[method-assign]
+    try:
+        restored = engine.restore(model, optimizer)
+    finally:
+        Engine._apply_loaded = staticmethod(original)  # type: ignore[method-assign]
+    assert restored is not None and restored.step == 3
+    for id_, s in optimizer.state_dict()["state"].items():
+        for key, value in s.items():
+            assert torch.equal(value, want[id_][key]), (id_, key)
+    engine.close(finished=True)
+
+
+def test_a_load_that_copies_the_state_gets_it_whole(tmp_path: Path) -> None:
+    """Should a load copy optimizer state instead of adopting the restored tensors, the late copy is waited
+    for and the state loaded again: it is never loaded half-filled."""
+    from tests.distributed import run_distributed
+
+    run_distributed(_copying_load_run, 1, str(tmp_path))
+
+
+def test_the_update_waits_for_the_copy_after_the_closure() -> None:
+    """Lightning hands forward and backward to optimizer.step as a closure: they must run before the wait for the
+    snapshot copy (overlapping it), and the update after it. LBFGS, which calls its closure again, waits first."""
+    from memtrain.engine import apply_snapshots
+
+    class Manager:
+        def __init__(self, events: list[str]) -> None:
+            self.events = events
+
+        def wait_copied(self) -> None:
+            self.events.append("wait")
+
+    for optimizer_class, want in ((torch.optim.AdamW, ["closure", "wait", "update"]),
+                                  (torch.optim.LBFGS, ["wait", "closure", "update"])):
+        events: list[str] = []
+        weight = nn.Parameter(torch.ones(3))
+        optimizer = optimizer_class([weight], lr=0.1)
+        optimizer.register_step_post_hook(lambda *_: events.append("update"))
+        apply_snapshots(optimizer, Manager(events))  # type: ignore[arg-type]
+
+        def closure() -> torch.Tensor:
+            events.append("closure")
+            optimizer.zero_grad()
+            loss = (weight ** 2).sum()
+            loss.backward()
+            return loss
+
+        loss = optimizer.step(closure)
+        assert events[:2] == want[:2] and events[-1] == "update", (optimizer_class.__name__, events)
+        assert float(loss) == 3.0
+        if optimizer_class is torch.optim.AdamW:
+            assert not torch.equal(weight.detach(), torch.ones(3))  # the update used the closure's gradients

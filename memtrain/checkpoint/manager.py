@@ -9,7 +9,10 @@ One step, as the trainer sees it:
                               writes a DCP checkpoint from the slot (the slot is not reused until it is done)
 
 Recovery tries, in order: this node's keeper, the peers' replicas, the newest durable checkpoint that verifies.
-All ranks agree on one step (the newest that every rank can get), so the restored state is consistent.
+All ranks agree on one step (the newest that every rank can get), so the restored state is consistent. From
+memory, restore is lazy the other way round: the parameters are copied before it returns, the optimizer state
+(the caller names which part may come late) on the snapshot thread while the first forward and backward run;
+the first optimizer step waits for it, as it waits for a snapshot's copy.
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ import pickle
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,18 +59,22 @@ class Restored:
     rank_state: dict[str, Any] | None
     seconds: float
     path: Path | None = None
+    late: list[torch.Tensor] = field(default_factory=list)  # still being filled until the next wait_copied()
 
 
 @dataclass
 class _Pending:
     copied: threading.Event
     cuda_done: torch.cuda.Event | None
+    restore: bool = False  # the late part of a restore (its wait is not a snapshot stall)
 
 
 @dataclass
 class CheckpointStats:
     snapshots: int = 0
     stall_s: float = 0.0  # training time spent waiting for snapshot copies and launching them
+    restore_wait_s: float = 0.0  # training time spent waiting for the late part of a restore
+    restore_complete_s: float | None = None  # from restore()'s call until every restored tensor was in place
     last_copy_s: float = 0.0
     in_memory_step: int | None = None
     replicated_step: int | None = None
@@ -165,7 +172,7 @@ class CheckpointManager:
                 on_device.append((view, tensor))
             else:
                 later.append((view, tensor))
-        cuda_done = self._copy_from_device(on_device) if on_device else None
+        cuda_done = self._copy_on_stream(on_device) if on_device else None
         pending = _Pending(threading.Event(), cuda_done)
         persist = (self.config.persist_every_n_snapshots
                    and (self.stats.snapshots + 1) % self.config.persist_every_n_snapshots == 0)
@@ -177,26 +184,33 @@ class CheckpointManager:
         self.stats.snapshots += 1
         self.stats.stall_s += time.perf_counter() - start
 
-    def _copy_from_device(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
+    def _copy_on_stream(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
+        """(destination, source) copies on the copy stream, between pinned host memory and the device."""
         assert self._copy_stream is not None
         self._copy_stream.wait_stream(torch.cuda.current_stream())  # after the optimizer step's kernels
         with torch.cuda.stream(self._copy_stream):
-            for view, tensor in pairs:
-                view.copy_(tensor, non_blocking=True)
-                tensor.record_stream(self._copy_stream)
+            for destination, source in pairs:
+                destination.copy_(source, non_blocking=True)
+                for tensor in (destination, source):
+                    if tensor.is_cuda:
+                        tensor.record_stream(self._copy_stream)
             done = torch.cuda.Event()
             done.record()
         return done
 
     def wait_copied(self) -> None:
-        """Before any state is updated: the previous snapshot's copy must be finished."""
+        """Before any state is updated: the previous snapshot's copy (or a restore's late part) must be finished."""
         pending, self._pending = self._pending, None
         if pending is not None:
             start = time.perf_counter()
             pending.copied.wait()
             if pending.cuda_done is not None:
                 pending.cuda_done.synchronize()
-            self.stats.stall_s += time.perf_counter() - start
+            waited = time.perf_counter() - start
+            if pending.restore:
+                self.stats.restore_wait_s += waited
+            else:
+                self.stats.stall_s += waited
         self._raise_background_error()
 
     def _raise_background_error(self) -> None:
@@ -316,14 +330,20 @@ class CheckpointManager:
         return {"in_memory_step": self.stats.in_memory_step, "replicated_step": self.stats.replicated_step,
                 "durable_steps": durable_steps, "snapshots": self.stats.snapshots,
                 "stall_s": self.stats.stall_s, "last_copy_s": self.stats.last_copy_s,
+                "restore_complete_s": self.stats.restore_complete_s, "restore_wait_s": self.stats.restore_wait_s,
                 "flush_errors": list(self.stats.flush_errors)}
 
     # -- recovery ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def restore(self, make_template: Callable[[], dict[str, Any]], use_durable: bool = True) -> Restored | None:
+    def restore(self, make_template: Callable[[], dict[str, Any]], use_durable: bool = True,
+                late: Collection[str] = ()) -> Restored | None:
         """Collective: fill the template (the live training state, as for a checkpoint load; made only when
         there is something to restore) from the newest step every rank can get: own keeper, then peers'
-        replicas, then durable checkpoints. None: nothing to restore."""
+        replicas, then durable checkpoints. None: nothing to restore.
+
+        ``late``: top-level keys of the template whose tensors the caller does not read before its next update
+        (optimizer state). From memory they are filled in the background, and ``Restored.late`` lists them until
+        ``wait_copied()`` (which the optimizer step calls) returns; every other tensor is in place on return."""
         start = time.perf_counter()
         own_headers = {step: (slot, slot.header()) for step, slot in
                        self.store.committed([own_name(self.rank, i) for i in range(OWN_SLOTS)]).items()}
@@ -356,15 +376,46 @@ class CheckpointManager:
         if "parity" in sources:
             self._rebuild_from_parity(step, sources, own, parity)
         slot, header = own[step]
-        for view, tensor in zip(layout.views(slot.data(header.data_bytes)), tensors):
-            tensor.copy_(view)
-        saved = slot.blob(header)
+        later: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for entry, view, tensor in zip(layout.entries, layout.views(slot.data(header.data_bytes)), tensors):
+            if entry.path.split(".", 1)[0] in late and tensor.dim() > 0:
+                later.append((view, tensor))
+            else:
+                tensor.copy_(view)
+        if later:
+            self._copy_late(later, start)
+        else:
+            self.stats.restore_complete_s = time.perf_counter() - start
+        saved = slot.blob(header)  # the slot is not reused before the late copy is waited for (snapshot waits)
         self._forget_newer_than(step)
         state = unflatten(saved["skeleton"], _rebuild_like(template, tensors))
         restored = Restored(step, sources[self.rank], state, saved["meta"] or {}, saved["rank_state"],
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, late=[tensor for _, tensor in later])
         self._report(restored, sources)
         return restored
+
+    def _copy_late(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], start: float) -> None:
+        """Restore's late part: host tensors on the snapshot thread, device tensors on the copy stream."""
+        on_device = [(tensor, view) for view, tensor in pairs if tensor.is_cuda]
+        on_host = [(view, tensor) for view, tensor in pairs if not tensor.is_cuda]
+        cuda_done = self._copy_on_stream(on_device) if on_device else None  # (destination, source) pairs
+        pending = _Pending(threading.Event(), cuda_done, restore=True)
+
+        def copy() -> None:
+            try:
+                with torch.no_grad():
+                    for view, tensor in on_host:
+                        tensor.copy_(view)
+                if cuda_done is not None:
+                    cuda_done.synchronize()
+                self.stats.restore_complete_s = time.perf_counter() - start
+            except BaseException as e:  # noqa: BLE001 - re-raised on the training thread at the next wait
+                self._error = e
+            finally:
+                pending.copied.set()
+
+        self._snapshot_thread.submit(copy)
+        self._pending = pending
 
     def _slot_for(self, header: SlotHeader) -> Slot:
         """Where a replica coming back from a peer is written (an own slot: the keeper holds it again)."""
@@ -449,7 +500,8 @@ class CheckpointManager:
                     log.warning("memtrain: durable checkpoint %s is unusable (%s); trying the previous one", path, e)
                     print(f"memtrain: {path} is unusable ({e}); trying the previous checkpoint", flush=True)
                 continue
-            restored = Restored(step, "durable", template, meta, rank_state, time.perf_counter() - start, path)
+            self.stats.restore_complete_s = time.perf_counter() - start
+            restored = Restored(step, "durable", template, meta, rank_state, self.stats.restore_complete_s, path)
             self._report(restored, ["durable"] * self.world)
             return restored
         return None

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     StateDictOptions,
@@ -94,6 +95,19 @@ def template_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer)
     else:  # every value is overwritten by the load (DCP refuses a checkpoint that lacks one): no need to zero
         allocate_adam_state(optimizer, zeroed=False)
     return optimizer_state(model, optimizer)  # other optimizers: torch's get_optimizer_state_dict initializes them
+
+
+def state_is_held(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether the optimizer's state dict holds the very tensors it updates, so that a restore may fill them after
+    the load (the late part of a restore from memory). Offloaded and ZeRO-1 states are copied by their loads."""
+    return offload_state(optimizer) is None and zero1_state(optimizer) is None
+
+
+def holds_all(optimizers: list[torch.optim.Optimizer], tensors: list[torch.Tensor]) -> bool:
+    """Whether every tensor in ``tensors`` (local tensors) is, by storage, part of the optimizers' live state."""
+    live = {(v.to_local() if isinstance(v, DTensor) else v).data_ptr() for optimizer in optimizers
+            for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)}
+    return all(t.data_ptr() in live for t in tensors)
 
 
 def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None, state: dict[str, Any]) -> None:

@@ -31,10 +31,12 @@ from typing_extensions import override
 
 from memtrain.checkpoint.sharded import load_sharded, save_sharded
 from memtrain.checkpoint.state import (
+    holds_all,
     load_model_state,
     load_optimizer_state,
     model_state,
     optimizer_state,
+    state_is_held,
     template_optimizer_state,
 )
 from memtrain.config import ConfigError, MemTrainConfig
@@ -324,9 +326,15 @@ def strategy_class(namespace: str) -> type:
                 assert manager is not None and self.model is not None
                 if trainer.state.fn == TrainerFn.FITTING:
                     fresh = [not o.state for o in self._raw_optimizers()]
-                    restored = manager.restore(self._checkpoint_template, use_durable=checkpoint_path is None)
+                    optimizers = self._raw_optimizers()
+                    late = [f"optimizer_{i}" for i, o in enumerate(optimizers) if state_is_held(o)]
+                    restored = manager.restore(self._checkpoint_template, use_durable=checkpoint_path is None,
+                                               late=late)  # arrives while the first forward runs
                     if restored is not None:
                         self._load_into_live(restored.state, restored.rank_state)
+                        if restored.late and not holds_all(optimizers, restored.late):
+                            manager.wait_copied()  # the load copied the state elsewhere: load it again, whole
+                            self._load_into_live(restored.state, restored.rank_state)
                         connector._ckpt_path = restored.path or f"memtrain snapshot of step {restored.step}"
                         connector._loaded_checkpoint = _pl_migrate_checkpoint(dict(restored.meta), None)
                         return
