@@ -343,7 +343,9 @@ class CheckpointConfig:
 
     snapshot_every_n_steps: after every n-th optimizer step the sharded training state is copied to host memory
         in the background while the next step computes (0: no snapshots, the default). Training waits only
-        before the next optimizer step, and only if the copy has not finished.
+        before the next optimizer step, and only if the copy has not finished. State offloaded to NVMe is copied
+        file to file into ``<offload.nvme_path>/memtrain-snapshots/<job>`` instead (two copies of the swap files'
+        size; host memory would not hold it), unless ``redundancy`` is set.
     keeper: the snapshot memory is owned by a keeper process per node (a crashed or killed trainer leaves its
         snapshot behind and the restarted one restores from it). False: the trainer owns it (no crash survival).
     keeper_dir: folder of the keeper's socket (default: ``/tmp/memtrain-<uid>``); keeper_idle_timeout_s: a

@@ -42,6 +42,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from memtrain.activations import ActivationManager, apply_activations
+from memtrain.checkpoint.files import SnapshotFiles
 from memtrain.checkpoint.manager import CheckpointManager, Restored
 from memtrain.checkpoint.sharded import load_sharded, save_sharded
 from memtrain.checkpoint.state import (
@@ -58,6 +59,7 @@ from memtrain.offload import (
     OffloadResources,
     apply_optimizer_offload,
     apply_param_offload,
+    mapped_files,
     offload_state,
 )
 from memtrain.sharding import apply_sharding, build_mesh, data_parallel_mesh, plan_mesh, shard_optimizer_state
@@ -141,6 +143,13 @@ class Engine:
             if self.checkpoints is None:  # one per job, however many optimizers
                 self.checkpoints = CheckpointManager.for_this_process(self.config.checkpoint, self.job,
                                                                       self.ranks_per_node, self.mesh.device_type)
+            offload, checkpoint = self.config.offload, self.config.checkpoint
+            if "nvme" in (offload.optimizer, offload.params) and checkpoint.redundancy == "none":
+                # State on NVMe is snapshotted file to file there, not through host memory (with redundancy it
+                # goes through the keeper's memory, which is what peers replicate).
+                folder = Path(offload.nvme_path) / "memtrain-snapshots" / (checkpoint.job_name or self.job)  # type: ignore[arg-type]
+                self.checkpoints.files = SnapshotFiles(folder, lambda: mapped_files(model, optimizer))
+                self.checkpoints.files.check_room(self.checkpoints.own_slots)
             apply_snapshots(optimizer, self.checkpoints)
         return optimizer
 

@@ -388,6 +388,13 @@ def _offloaded_run_restores(rank: int, world: int, tmp: str) -> dict:
     train(engine, model, optimizer, range(4, 6))  # the original goes on to step 6
     want = full_params(model)
     engine.checkpoints.wait()
+    # What lives on NVMe was snapshotted file to file there: the keeper's memory holds the rest only.
+    manager = engine.checkpoints
+    layout = manager._last[3]
+    on_nvme = [e for e in layout.entries if e.in_file]
+    assert {e.path for e in on_nvme} == {e.path for e in layout.entries if e.nbytes > 4}, "scalars stay in memory"
+    assert layout.data_bytes < 4096 <= layout.file_bytes
+    assert all(manager.files.path(f"rank{rank}/own/{i}").stat().st_size == layout.file_bytes for i in range(2))
     # A restart: the snapshot of step 6 comes back, then both take two more steps.
     engine.close()
     engine, model, optimizer = build()
@@ -396,7 +403,9 @@ def _offloaded_run_restores(rank: int, world: int, tmp: str) -> dict:
     got_at_restore = full_params(model)
     train(engine, model, optimizer, range(6, 8))
     got = full_params(model)
+    files, own = engine.checkpoints.files, engine.checkpoints.own_slots
     engine.close(finished=True)
+    assert not any(files.path(name).exists() for name in own), "a finished rank leaves no snapshot files"
     return {"want": want, "at_restore": got_at_restore, "after": got}
 
 
@@ -592,3 +601,76 @@ def test_the_update_waits_for_the_copy_after_the_closure() -> None:
         assert float(loss) == 3.0
         if optimizer_class is torch.optim.AdamW:
             assert not torch.equal(weight.detach(), torch.ones(3))  # the update used the closure's gradients
+
+
+_NVME_TRAINER = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, {repo!r})
+from memtrain import Engine, MemTrainConfig
+from tests.parity import BATCH_SIZE, full_params, global_batch, make_optimizer, rank_backward, tiny_gpt
+dist.init_process_group("gloo", init_method="file://{tmp}/pg-" + sys.argv[1], rank=0, world_size=1)
+config = MemTrainConfig.from_dict({{
+    "sharding": {{"stage": 3}},
+    "offload": {{"optimizer": "nvme", "params": "nvme", "nvme_path": "{tmp}/nvme", "host_memory_budget": "64MiB"}},
+    "checkpoint": {{"snapshot_every_n_steps": 1, "keeper_dir": "{tmp}/keeper", "job_name": "nvme-kill",
+                    "dirpath": "{tmp}/durable", "persist_every_n_snapshots": 3}},
+}})
+engine = Engine.create(config, 1, 1, "cpu")
+model = engine.prepare_model(tiny_gpt())
+optimizer = engine.prepare_optimizer(make_optimizer(model), model)
+
+def step(i):
+    rank_backward(engine, model, *global_batch(i, BATCH_SIZE), 0, 1)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+if sys.argv[1] == "victim":
+    for i in range(3):
+        step(i)
+        engine.snapshot(i + 1, model, optimizer)
+    engine.checkpoints.wait()
+    torch.save(full_params(model), "{tmp}/at3.pt")
+    step(3)  # the run that never stopped: one more step, no snapshot of it
+    torch.save(full_params(model), "{tmp}/want.pt")
+    print("ready", flush=True)
+    import time; time.sleep(120)
+else:
+    restored = engine.restore(model, optimizer)
+    assert restored is not None and restored.step == 3 and restored.source == "keeper", restored
+    step(3)
+    torch.save(full_params(model), "{tmp}/got.pt")
+    engine.close(finished=True)
+"""
+
+
+def test_nvme_snapshot_survives_a_killed_trainer(tmp_path: Path) -> None:
+    """State offloaded to NVMe, snapshotted to files there: the trainer is SIGKILLed (its swap files are gone
+    with it), a new one restores from the keeper's headers and the snapshot files and goes on bitwise."""
+    script = _NVME_TRAINER.format(repo=str(Path(__file__).parent.parent), tmp=str(tmp_path))
+    victim = subprocess.Popen([sys.executable, "-c", script, "victim"], stdout=subprocess.PIPE, text=True)
+    keeper = None
+    try:
+        assert victim.stdout is not None and victim.stdout.readline().strip() == "ready"
+        keeper = KeeperClient(socket_path(tmp_path / "keeper", "nvme-kill", 0), 30.0, start=False).ping()["pid"]
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        snapshots = list((tmp_path / "nvme" / "memtrain-snapshots" / "nvme-kill").iterdir())
+        assert len(snapshots) == 2 and all(p.stat().st_size > 0 for p in snapshots)
+        subprocess.run([sys.executable, "-c", script, "restart"], check=True, timeout=180)
+        want = torch.load(tmp_path / "want.pt", weights_only=True)
+        got = torch.load(tmp_path / "got.pt", weights_only=True)
+        for name, value in want.items():
+            assert torch.equal(got[name], value), name
+        # The durable flush of step 3 read the NVMe part from the snapshot files; plain DCP loads it.
+        at3 = torch.load(tmp_path / "at3.pt", weights_only=True)
+        plain = {"model": {name: torch.zeros_like(value) for name, value in at3.items()}}
+        dcp.load(plain, checkpoint_id=tmp_path / "durable" / "step-3")
+        for name, value in at3.items():
+            assert torch.equal(plain["model"][name], value), name
+    finally:
+        victim.kill()
+        if keeper is not None:
+            try:
+                os.kill(keeper, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

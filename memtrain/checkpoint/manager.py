@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from memtrain.checkpoint import durable
+from memtrain.checkpoint.files import SnapshotFiles
 from memtrain.checkpoint.keeper import KeeperClient, socket_path
 from memtrain.checkpoint.layout import Layout, flatten, unflatten
 from memtrain.checkpoint.parity import ParityGroup, parity_groups
@@ -120,6 +121,7 @@ class CheckpointManager:
         self._last: tuple[str, int, Any, Layout] | None = None  # slot, step, skeleton, layout of the newest one
         self._error: BaseException | None = None
         self._received: Slot | None = None  # recovery: the own slot a peer's replica of this rank landed in
+        self.files: SnapshotFiles | None = None  # set for state offloaded to NVMe: its snapshots go to files there
         self.stats = CheckpointStats()
 
     @classmethod
@@ -128,6 +130,10 @@ class CheckpointManager:
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         return cls(config, job, rank, world, ranks_per_node, device_type)
+
+    @property
+    def own_slots(self) -> list[str]:
+        return [own_name(self.rank, i) for i in range(OWN_SLOTS)]
 
     @property
     def latest_step(self) -> int | None:
@@ -156,7 +162,7 @@ class CheckpointManager:
         tensors that the next forward changes (buffers such as batch-norm statistics): copied before returning."""
         start = time.perf_counter()
         self.wait_copied()
-        skeleton, tensors, layout = flatten(state)
+        skeleton, tensors, layout, in_files = self._flatten(state)
         blob = pickle.dumps({"skeleton": skeleton, "meta": meta, "rank_state": rank_state},
                             protocol=pickle.HIGHEST_PROTOCOL)
         slot = self._take_slot(step, layout.data_bytes, len(blob))
@@ -165,24 +171,42 @@ class CheckpointManager:
         now = set(stable_now)
         later: list[tuple[torch.Tensor, torch.Tensor]] = []
         on_device: list[tuple[torch.Tensor, torch.Tensor]] = []
+        file_copies = []  # (swap file, its offset, snapshot file offset, bytes)
         for entry, view, tensor in zip(layout.entries, views, tensors):
-            if entry.path in now:
+            if entry.in_file:
+                file_copies.append((*in_files[id(tensor)], entry.offset, entry.nbytes))
+            elif entry.path in now:
                 view.copy_(tensor)
             elif tensor.is_cuda:
-                on_device.append((view, tensor))
+                on_device.append((view, tensor))  # type: ignore[arg-type]
             else:
-                later.append((view, tensor))
+                later.append((view, tensor))  # type: ignore[arg-type]
         cuda_done = self._copy_on_stream(on_device) if on_device else None
         pending = _Pending(threading.Event(), cuda_done)
         persist = (self.config.persist_every_n_snapshots
                    and (self.stats.snapshots + 1) % self.config.persist_every_n_snapshots == 0)
         self._busy[slot.name] = self._snapshot_thread.submit(
-            self._finish, slot, step, layout, blob, later, pending,
+            self._finish, slot, step, layout, blob, later, file_copies, pending,
             durable.step_path(self.config.dirpath, step) if persist else None, meta, rank_state, skeleton)
         self._pending = pending
         self._last = (slot.name, step, skeleton, layout)
         self.stats.snapshots += 1
         self.stats.stall_s += time.perf_counter() - start
+
+    def _flatten(self, state: dict[str, Any]) -> tuple[Any, list[torch.Tensor], Layout, dict[int, tuple[Path, int]]]:
+        """flatten(), with the tensors that view NVMe swap files laid out in the snapshot file: id -> (file, offset)."""
+        if self.files is None:
+            return (*flatten(state), {})
+        ranges = self.files.ranges()
+        in_files: dict[int, tuple[Path, int]] = {}
+
+        def in_file(tensor: torch.Tensor) -> bool:
+            found = ranges.find(tensor)
+            if found is not None:
+                in_files[id(tensor)] = found
+            return found is not None
+
+        return (*flatten(state, in_file), in_files)
 
     def _copy_on_stream(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.cuda.Event:
         """(destination, source) copies on the copy stream, between pinned host memory and the device."""
@@ -221,7 +245,7 @@ class CheckpointManager:
     def _take_slot(self, step: int, data_bytes: int, blob_bytes: int) -> Slot:
         """The own slot to write: the older one unless a flush still reads it. A slot's previous job (commit,
         replica, hand-off to the flush) is waited for first, so a flush it queued is seen."""
-        names = sorted((own_name(self.rank, i) for i in range(OWN_SLOTS)), key=lambda n: self._launched.get(n, -1))
+        names = sorted(self.own_slots, key=lambda n: self._launched.get(n, -1))
         chosen = None
         for name in names:
             job = self._busy.pop(name, None)
@@ -243,12 +267,16 @@ class CheckpointManager:
         return slot
 
     def _finish(self, slot: Slot, step: int, layout: Layout, blob: bytes,
-                later: list[tuple[torch.Tensor, torch.Tensor]], pending: _Pending, persist_path: Path | None,
-                meta: dict[str, Any] | None, rank_state: dict[str, Any] | None, skeleton: Any) -> None:
+                later: list[tuple[torch.Tensor, torch.Tensor]], file_copies: list[tuple[Path, int, int, int]],
+                pending: _Pending, persist_path: Path | None, meta: dict[str, Any] | None,
+                rank_state: dict[str, Any] | None, skeleton: Any) -> None:
         """The snapshot thread: copy, commit, replicate, hand on to the flush."""
         try:
             start = time.perf_counter()
             try:
+                if file_copies:
+                    assert self.files is not None
+                    self.files.write(slot.name, layout.file_bytes, file_copies)
                 with torch.no_grad():  # grad mode is per thread
                     for view, tensor in later:
                         view.copy_(tensor)
@@ -303,8 +331,9 @@ class CheckpointManager:
         """The flush thread: a DCP checkpoint of the slot, committed atomically; a failure is reported and
         training goes on with its in-memory snapshots (earlier durable checkpoints are untouched)."""
         try:
-            locals_ = layout.views(slot.data(layout.data_bytes))
-            state = unflatten(skeleton, [e.rebuild(t) for e, t in zip(layout.entries, locals_)])
+            in_file = self.files.mapping(slot.name, layout.file_bytes) if layout.file_bytes and self.files else None
+            locals_ = layout.views(slot.data(layout.data_bytes), in_file)
+            state = unflatten(skeleton, [e.rebuild(t) for e, t in zip(layout.entries, locals_)])  # type: ignore[arg-type]
             durable.write_checkpoint(path, state, meta, rank_state, self.flush_group)
             self.stats.durable_steps.append(step)
             dirpath = self.config.dirpath
@@ -346,7 +375,7 @@ class CheckpointManager:
         ``wait_copied()`` (which the optimizer step calls) returns; every other tensor is in place on return."""
         start = time.perf_counter()
         own_headers = {step: (slot, slot.header()) for step, slot in
-                       self.store.committed([own_name(self.rank, i) for i in range(OWN_SLOTS)]).items()}
+                       self.store.committed(self.own_slots).items()}
         held = self.replicator.held() if self.replicator is not None else {}
         parity = self.parity.held() if self.parity is not None else {}
         use_durable = use_durable and bool(self.config.dirpath)
@@ -354,8 +383,9 @@ class CheckpointManager:
         if not any(durable._gather(bool(own_headers or held or parity or durable_steps), self.group)):
             return None  # a fresh start: the template (which initializes optimizer state) is not even made
         template = make_template()
-        _, tensors, layout = flatten(template)
-        own = {step: (slot, header) for step, (slot, header) in own_headers.items() if header.digest == layout.digest}
+        _, tensors, layout, in_files = self._flatten(template)
+        own = {step: (slot, header) for step, (slot, header) in own_headers.items() if header.digest == layout.digest
+               and (not layout.file_bytes or (self.files is not None and self.files.usable(slot.name, layout.file_bytes)))}
         mine = {"own": sorted(own), "held": {s: slot.header().digest for s, slot in held.items()},  # type: ignore[union-attr]
                 "digest": layout.digest, "parity": sorted(parity)}
         everyone = durable._gather(mine, self.group)
@@ -377,11 +407,17 @@ class CheckpointManager:
             self._rebuild_from_parity(step, sources, own, parity)
         slot, header = own[step]
         later: list[tuple[torch.Tensor, torch.Tensor]] = []
+        file_copies = []  # (swap file, its offset, snapshot file offset, bytes)
         for entry, view, tensor in zip(layout.entries, layout.views(slot.data(header.data_bytes)), tensors):
-            if entry.path.split(".", 1)[0] in late and tensor.dim() > 0:
-                later.append((view, tensor))
+            if entry.in_file:
+                file_copies.append((*in_files[id(tensor)], entry.offset, entry.nbytes))
+            elif entry.path.split(".", 1)[0] in late and tensor.dim() > 0:
+                later.append((view, tensor))  # type: ignore[arg-type]
             else:
-                tensor.copy_(view)
+                tensor.copy_(view)  # type: ignore[arg-type]
+        if file_copies:
+            assert self.files is not None
+            self.files.read(slot.name, layout.file_bytes, file_copies)
         if later:
             self._copy_late(later, start)
         else:
@@ -473,7 +509,7 @@ class CheckpointManager:
 
     def _forget_newer_than(self, step: int) -> None:
         """Slots of steps after the restored one belong to a lost future: never restore them later."""
-        names = [own_name(self.rank, i) for i in range(OWN_SLOTS)]
+        names = self.own_slots
         if self.replicator is not None:
             names += [s.name for s in self.replicator.held().values()]
         if self.parity is not None:
@@ -527,6 +563,8 @@ class CheckpointManager:
             if self._flush_thread is not None:
                 self._flush_thread.shutdown(wait=True)
             self.store.close(drop_prefix=f"rank{self.rank}/" if finished else None)
+            if finished and self.files is not None:  # the keeper let go of the slots these files belong to
+                self.files.remove(self.own_slots)
 
 
 def _rebuild_like(template: dict[str, Any], tensors: list[torch.Tensor]) -> list[torch.Tensor]:

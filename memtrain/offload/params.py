@@ -252,6 +252,10 @@ class ParamOffload:
         return {id(p.sharded_param) for u in self.units if u.buffer is None for p in u.group.fsdp_params}
 
     # -- checkpoints -----------------------------------------------------------------------------------------
+    def mapped_files(self) -> list[tuple[torch.Tensor, Path]]:
+        """The swap file and its shared mapping (what state_views are views of)."""
+        return [(self._mapped, Path(self.path))]
+
     def state_names(self, model: torch.nn.Module) -> set[str]:
         ours = {id(p.sharded_param) for u in self.units for p in u.group.fsdp_params}
         return {n for n, p in model.named_parameters() if id(p) in ours}

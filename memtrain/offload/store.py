@@ -197,6 +197,10 @@ class StateStore:
             return {k: self.host[k][u.offset : u.offset + u.numel] for k in self.keys}
         return {key: whole[u.offset : u.offset + u.numel] for key, whole in self._mapped().items()}
 
+    def mapped_files(self) -> list[tuple[torch.Tensor, Path]]:
+        """Each NVMe file and its shared mapping (what unit_views of NVMe units are views of)."""
+        return [(mapping, self.files[key]) for key, mapping in self._mapped().items()] if self.files else []
+
     def _mapped(self) -> dict[str, torch.Tensor]:
         """One shared mapping per file, made on first use (untouched, it holds no memory)."""
         if not self._maps:
