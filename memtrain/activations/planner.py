@@ -201,13 +201,15 @@ def _unit(n: float) -> str:
     return f"{int(n)} B"
 
 
-def unreachable_budget(budget: int, smallest: float) -> ConfigError:
-    need = int(smallest) + 1 if smallest > int(smallest) else int(smallest)
-    return ConfigError(
-        f"activations.memory_budget={budget} bytes ({_unit(budget)}) cannot be reached: the smallest budget any plan "
-        f"reaches for these blocks is {need} bytes ({_unit(need)}); set activations.memory_budget to at least "
-        f"{need} bytes, or shorten the sequence / micro-batch"
-    )
+class UnreachableBudget(ConfigError):
+    """activations.memory_budget is below what any plan reaches; ``smallest`` is the least that is reached."""
+
+    def __init__(self, budget: int, smallest: float) -> None:
+        self.smallest = int(smallest) + 1 if smallest > int(smallest) else int(smallest)
+        super().__init__(
+            f"activations.memory_budget={budget} bytes ({_unit(budget)}) cannot be reached: the smallest budget any "
+            f"plan reaches for these blocks is {self.smallest} bytes ({_unit(self.smallest)}); set "
+            f"activations.memory_budget to at least {self.smallest} bytes, or shorten the sequence / micro-batch")
 
 
 def check_budget(profile: Profile, config: ActivationsConfig, device: torch.device) -> None:
@@ -215,7 +217,7 @@ def check_budget(profile: Profile, config: ActivationsConfig, device: torch.devi
     budget = int(config.memory_budget or 0)
     smallest, _ = _smallest(_peak_choices(profile), config.prefetch_blocks, device.type == "cuda")
     if smallest > budget:
-        raise unreachable_budget(budget, smallest)
+        raise UnreachableBudget(budget, smallest)
 
 
 def make_plan(profile: Profile, config: ActivationsConfig, device: torch.device,
@@ -235,7 +237,7 @@ def make_plan(profile: Profile, config: ActivationsConfig, device: torch.device,
         peaks = [simulate_peak(c, config.prefetch_blocks, overlap) for c in candidates]
         fitting = [(sum(o.extra_s for o in c), p, c) for p, c in zip(peaks, candidates) if p <= budget]
         if not fitting:
-            raise unreachable_budget(budget, min(peaks))
+            raise UnreachableBudget(budget, min(peaks))
         _, peak, chosen = min(fitting, key=lambda t: t[:2])
     base = sum(max(b.forward_s - b.move_s, 0.0) * 3 for b in blocks)  # forward + ~2x in backward
     rows = []

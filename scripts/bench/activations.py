@@ -11,6 +11,7 @@ Contenders, per sequence length (one fresh model each, same seed and data):
   mt-split      memtrain token-wise split, half the tokens swapped, the rest recomputed (last block kept)
   mt-auto-rc    memtrain auto with the budget = what full recompute holds (target: >= 15% faster than recompute)
   mt-auto-3x    memtrain auto with the budget = 1/3 of what no policy holds (target: <= 1.1x its step time)
+                (a budget below what any plan reaches is raised to the smallest reachable one; the output says so)
 
 Columns: ``resident`` = the peak of saved-activation bytes held on the compute device over one step (forward and
 backward), counted by ``memtrain.telemetry``'s saved-tensor accounting for every contender (the whole model:
@@ -40,6 +41,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from memtrain.activations import apply_activations  # noqa: E402
+from memtrain.activations.planner import UnreachableBudget  # noqa: E402
 from memtrain.activations.recompute import recompute  # noqa: E402
 from memtrain.config import ActivationsConfig  # noqa: E402
 from memtrain.models import GPT, GPTConfig  # noqa: E402
@@ -130,6 +132,21 @@ class Contender:
         return out
 
 
+def auto_contender(name: str, cfg: GPTConfig, args: argparse.Namespace, device: torch.device,
+                   budget: int) -> tuple[Contender, dict[str, Any]]:
+    """memtrain auto at ``budget`` bytes for the blocks, or at the smallest budget any plan reaches when that is
+    more (the planner refuses a smaller one in the first forward); the budget used is reported."""
+    auto = Contender(name, cfg, args, device, {"policy": "auto", "memory_budget": budget})
+    x, y = batches(cfg, args.batch, 1, device)[0]
+    try:
+        auto.step(x, y, timed=False)
+        return auto, {"budget_bytes": budget, "budget_raised_to_smallest": False}
+    except UnreachableBudget as err:
+        auto.manager.close()  # type: ignore[union-attr]
+        raised = Contender(name, cfg, args, device, {"policy": "auto", "memory_budget": err.smallest})
+        return raised, {"budget_bytes": err.smallest, "budget_raised_to_smallest": True, "budget_wanted": budget}
+
+
 def measure(contenders: list[Contender], args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     """Warm every contender up, then time them round-robin (step i of each in turn), so that a machine whose load
     changes slows all of them alike."""
@@ -173,22 +190,22 @@ def main() -> None:
             ("mt-split", {"policy": "split", "swap_fraction": 0.5}))]
         fixed.append(Contender("mt-keep", cfg, args, device, {"policy": "keep"}, blocks_apart=True))
         rows = {r["contender"]: r for r in measure(fixed, args, device)}
-        # The planner's budget covers the blocks; the embedding and head hold the same under every policy, so
-        # the budget for a whole-model target is the target less what lies outside the blocks.
+        # The planner's budget covers the blocks; at the end of forward (where keeping everything peaks) the
+        # embedding and head hold the same under every policy, so the budget for a whole-model target is the
+        # target less what lies outside the blocks. A target below what any plan reaches (full recompute peaks
+        # in backward, when the head's tensors are gone) gets the smallest reachable budget, and says so.
         keep_peak = rows["none"]["resident_peak_bytes"]
         outside = keep_peak - rows.pop("mt-keep")["blocks_peak_bytes"]
         rc_peak = rows["recompute"]["resident_peak_bytes"]
-        autos = []
+        autos, budgets = [], {}
         for name, target in (("mt-auto-rc", rc_peak), ("mt-auto-3x", keep_peak // 3)):
-            budget = max(target - outside, 1)
-            autos.append(Contender(name, cfg, args, device, {"policy": "auto", "memory_budget": int(budget)}))
+            auto, budgets[name] = auto_contender(name, cfg, args, device, max(target - outside, 1))
+            autos.append(auto)
         # Timed beside the no-policy and recompute baselines again, round-robin, on the same machine state.
         baselines = [Contender("none", cfg, args, device), Contender("recompute", cfg, args, device)]
-        try:
-            again = measure(autos + baselines, args, device)
-        except Exception as err:  # noqa: BLE001 - an unreachable budget is a result too
-            again = [{"contender": a.name, "seq_len": seq, "error": str(err)} for a in autos]
+        again = measure(autos + baselines, args, device)
         for r in again:
+            r.update(budgets.get(r["contender"], {}))
             r["round"] = "auto"
             if r["contender"] in ("none", "recompute"):
                 rows[r["contender"] + "@auto"] = r
@@ -201,16 +218,16 @@ def main() -> None:
         print(f"{'contender':<14} {'resident MiB':>12} {'vs none':>8} {'cuda peak MiB':>14} {'step ms':>9} "
               f"{'vs none':>8} {'vs recompute':>13}  policies")
         for key, r in rows.items():
-            if "error" in r:
-                print(f"{key:<14} error: {r['error'][:100]}")
-                continue
             # auto rows are compared with the baselines timed in their own round
             b, c = (base2, rc2) if key.startswith("mt-auto") or "@" in key else (base, rc)
             cuda_peak = f"{r['cuda_peak_bytes'] / 2**20:14.1f}" if r["cuda_peak_bytes"] is not None else f"{'-':>14}"
             print(f"{key:<14} {r['resident_peak_bytes'] / 2**20:12.2f} "
                   f"{r['resident_peak_bytes'] / max(b['resident_peak_bytes'], 1):8.2f} {cuda_peak} "
                   f"{r['step_s'] * 1e3:9.1f} {r['step_s'] / b['step_s']:8.2f} {r['step_s'] / c['step_s']:13.2f}  "
-                  f"{' '.join(r.get('policies', []))}")
+                  f"{' '.join(r.get('policies', []))}"
+                  + (f"  [budget {r['budget_bytes'] / 2**20:.2f} MiB"
+                     f"{', raised to the smallest reachable' if r['budget_raised_to_smallest'] else ''}]"
+                     if "budget_bytes" in r else ""))
         print()
         write(args, results)  # after every sequence length: a run cut short keeps what it measured
     print(f"wrote {args.out}")
