@@ -8,6 +8,8 @@ One step, as the trainer sees it:
                               the buddy rank's keeper; every n-th snapshot goes on to the flush thread, which
                               writes a DCP checkpoint from the slot (the slot is not reused until it is done)
 
+State offloaded to NVMe is copied file to file into a snapshot file per slot (``files.py``), not into the slot.
+
 Recovery tries, in order: this node's keeper, the peers' replicas, the newest durable checkpoint that verifies.
 All ranks agree on one step (the newest that every rank can get), so the restored state is consistent. From
 memory, restore is lazy the other way round: the parameters are copied before it returns, the optimizer state
