@@ -13,7 +13,8 @@ from __future__ import annotations
 import bisect
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -69,34 +70,18 @@ class SnapshotFiles:
 
     def write(self, slot_name: str, size: int, copies: list[tuple[Path, int, int, int]]) -> None:
         """Into the slot's file: ``(source file, source offset, file offset, bytes)`` each."""
-        fd = os.open(self.path(slot_name), os.O_RDWR | os.O_CREAT, 0o600)
-        try:
+        with _opened(self.path(slot_name), os.O_RDWR | os.O_CREAT) as fd:
             if os.fstat(fd).st_size != size:
                 os.ftruncate(fd, size)
-            for source, source_offset, offset, nbytes in copies:
-                src = os.open(source, os.O_RDONLY)
-                try:
-                    _copy_range(src, fd, nbytes, source_offset, offset)
-                finally:
-                    os.close(src)
-        finally:
-            os.close(fd)
+            _copy_ranges(fd, copies, into_slot=True)
 
     def read(self, slot_name: str, size: int, copies: list[tuple[Path, int, int, int]]) -> None:
         """Back out of the slot's file: ``(destination file, destination offset, file offset, bytes)`` each."""
-        fd = os.open(self.path(slot_name), os.O_RDONLY)
-        try:
+        with _opened(self.path(slot_name), os.O_RDONLY) as fd:
             if os.fstat(fd).st_size < size:
                 raise FileNotFoundError(f"snapshot file {self.path(slot_name)} is shorter than its snapshot "
                                         f"({os.fstat(fd).st_size} < {size} bytes)")
-            for destination, destination_offset, offset, nbytes in copies:
-                dst = os.open(destination, os.O_WRONLY)
-                try:
-                    _copy_range(fd, dst, nbytes, offset, destination_offset)
-                finally:
-                    os.close(dst)
-        finally:
-            os.close(fd)
+            _copy_ranges(fd, copies, into_slot=False)
 
     def usable(self, slot_name: str, size: int) -> bool:
         try:
@@ -111,6 +96,25 @@ class SnapshotFiles:
     def mapping(self, slot_name: str, size: int) -> torch.Tensor:
         """The slot's file as bytes (a shared mapping: the page cache, not heap), for a durable flush to read."""
         return torch.from_file(str(self.path(slot_name)), shared=True, size=size, dtype=torch.uint8)
+
+
+@contextmanager
+def _opened(path: Path, flags: int) -> Iterator[int]:
+    fd = os.open(path, flags, 0o600)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _copy_ranges(slot_fd: int, copies: list[tuple[Path, int, int, int]], into_slot: bool) -> None:
+    """``(other file, its offset, slot file offset, bytes)``: copied into the slot's file, or out of it."""
+    for other, other_offset, offset, nbytes in copies:
+        with _opened(other, os.O_RDONLY if into_slot else os.O_WRONLY) as fd:
+            if into_slot:
+                _copy_range(fd, slot_fd, nbytes, other_offset, offset)
+            else:
+                _copy_range(slot_fd, fd, nbytes, offset, other_offset)
 
 
 def _copy_range(src: int, dst: int, nbytes: int, src_offset: int, dst_offset: int) -> None:
