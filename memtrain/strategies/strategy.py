@@ -325,8 +325,8 @@ def strategy_class(namespace: str) -> type:
                 manager = self.engine.checkpoints
                 assert manager is not None and self.model is not None
                 if trainer.state.fn == TrainerFn.FITTING:
-                    fresh = [not o.state for o in self._raw_optimizers()]
                     optimizers = self._raw_optimizers()
+                    fresh = [not o.state for o in optimizers]
                     late = [f"optimizer_{i}" for i, o in enumerate(optimizers) if state_is_held(o)]
                     restored = manager.restore(self._checkpoint_template, use_durable=checkpoint_path is None,
                                                late=late)  # arrives while the first forward runs
@@ -338,7 +338,7 @@ def strategy_class(namespace: str) -> type:
                         connector._ckpt_path = restored.path or f"memtrain snapshot of step {restored.step}"
                         connector._loaded_checkpoint = _pl_migrate_checkpoint(dict(restored.meta), None)
                         return
-                    for optimizer, was_fresh in zip(self._raw_optimizers(), fresh):
+                    for optimizer, was_fresh in zip(optimizers, fresh):
                         if was_fresh:  # the template allocated optimizer state: the first step must start from none
                             optimizer.state.clear()
                 resume_start(checkpoint_path, weights_only)
