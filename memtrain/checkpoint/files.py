@@ -14,7 +14,7 @@ import bisect
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -108,13 +108,17 @@ def _opened(path: Path, flags: int) -> Iterator[int]:
 
 
 def _copy_ranges(slot_fd: int, copies: list[tuple[Path, int, int, int]], into_slot: bool) -> None:
-    """``(other file, its offset, slot file offset, bytes)``: copied into the slot's file, or out of it."""
-    for other, other_offset, offset, nbytes in copies:
-        with _opened(other, os.O_RDONLY if into_slot else os.O_WRONLY) as fd:
+    """``(other file, its offset, slot file offset, bytes)``: copied into the slot's file, or out of it (each
+    other file opened once, however many tensors it holds)."""
+    with ExitStack() as stack:
+        fds: dict[Path, int] = {}
+        for other, other_offset, offset, nbytes in copies:
+            if other not in fds:
+                fds[other] = stack.enter_context(_opened(other, os.O_RDONLY if into_slot else os.O_WRONLY))
             if into_slot:
-                _copy_range(fd, slot_fd, nbytes, other_offset, offset)
+                _copy_range(fds[other], slot_fd, nbytes, other_offset, offset)
             else:
-                _copy_range(slot_fd, fd, nbytes, offset, other_offset)
+                _copy_range(slot_fd, fds[other], nbytes, offset, other_offset)
 
 
 def _copy_range(src: int, dst: int, nbytes: int, src_offset: int, dst_offset: int) -> None:

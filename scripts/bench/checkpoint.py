@@ -112,32 +112,30 @@ def data(args: argparse.Namespace) -> tuple[Any, Any]:
     return torch.randn(args.batch, args.width, generator=gen), torch.randn(args.batch, args.width, generator=gen)
 
 
-def state_bytes(model: Any, opt: Any) -> int:
+def _local(t: Any) -> Any:
     from torch.distributed.tensor import DTensor
 
-    def local(t: Any) -> Any:
-        return t.to_local() if isinstance(t, DTensor) else t
+    return t.to_local() if isinstance(t, DTensor) else t
 
-    total = sum(local(p).numel() * local(p).element_size() for p in model.parameters())
+
+def state_bytes(model: Any, opt: Any) -> int:
+    total = sum(_local(p).numel() * _local(p).element_size() for p in model.parameters())
     for s in opt.state.values():
-        total += sum(local(v).numel() * local(v).element_size() for v in s.values() if hasattr(v, "numel"))
+        total += sum(_local(v).numel() * _local(v).element_size() for v in s.values() if hasattr(v, "numel"))
     return total
 
 
 def checksum(model: Any, opt: Any) -> float:
     """Sum of every parameter and optimizer moment (float64): equal states give equal sums."""
     import torch
-    from torch.distributed.tensor import DTensor
-
-    def local(t: Any) -> Any:
-        return t.to_local() if isinstance(t, DTensor) else t
 
     total = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        total += local(p).double().sum()
-        for v in opt.state.get(p, {}).values():
-            if isinstance(v, torch.Tensor) and v.numel() > 1:
-                total += local(v).double().sum()
+    with torch.no_grad():
+        for p in model.parameters():
+            total += _local(p).double().sum()
+            for v in opt.state.get(p, {}).values():
+                if isinstance(v, torch.Tensor) and v.numel() > 1:
+                    total += _local(v).double().sum()
     return float(total)
 
 
