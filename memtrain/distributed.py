@@ -1,4 +1,4 @@
-"""Starting the default process group so that it also works after torchrun restarts the workers.
+"""Starting the default process group so that it also works after torchrun restarts the workers; ending a worker.
 
 Under torchrun the workers meet in the agent's store, and that store outlives a restart of the workers
 (torch 2.13, c10d rendezvous): the restarted ranks can read the addresses the killed ranks had published and
@@ -7,8 +7,11 @@ Outside torchrun this is torch.distributed.init_process_group unchanged.
 """
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from datetime import timedelta
+from typing import NoReturn
 
 import torch.distributed as dist
 from torch.distributed.constants import default_pg_timeout
@@ -32,3 +35,18 @@ def init_process_group(backend: str, timeout: timedelta | None = None) -> None:
                           timeout=timeout or default_pg_timeout)
     dist.init_process_group(backend, store=dist.PrefixStore(f"memtrain/attempt_{attempt}", store),
                             rank=int(env["RANK"]), world_size=world, timeout=timeout)
+
+
+def exit_worker(code: int = 0) -> NoReturn:
+    """End a distributed worker process without Python's interpreter teardown; call it last.
+
+    With torch 2.13, process groups that DTensor used stay referenced from its caches after
+    ``destroy_process_group()``, so their gloo threads outlive it. A tensor those threads release while the
+    interpreter finalizes takes the GIL, which aborts the process there (SIGABRT, "terminate called without an
+    active exception"; pytorch/pytorch#190489) and fails a run that had finished. Output is flushed first;
+    files already written are the kernel's to keep.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -27,7 +27,7 @@ from memtrain import Engine, MemTrainConfig
 from memtrain.checkpoint.sharded import atomic_torch_save
 from memtrain.cli.gpt_module import warmup_cosine
 from memtrain.cli.train import CONFIG_DIR, memtrain_config, run_id
-from memtrain.distributed import init_process_group
+from memtrain.distributed import exit_worker, init_process_group
 from memtrain.data import ByteCorpus, ResumableDistributedSampler, build_stdlib_corpus
 from memtrain.models import GPT, GPTConfig
 
@@ -179,6 +179,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="Hydra overrides of configs/train.yaml")
     args = parser.parse_args()
     train(load_config(args.overrides), plain=args.plain)
+    if not args.plain:
+        exit_worker(0)  # torch's gloo threads outlive the process group and can abort the interpreter's teardown
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 import hydra
 import lightning.pytorch as L
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -25,6 +26,7 @@ from torch.utils.data import DataLoader
 from memtrain.cli.gpt_module import GPTModule
 from memtrain.config import MemTrainConfig
 from memtrain.data import ByteCorpus, build_stdlib_corpus
+from memtrain.distributed import exit_worker
 from memtrain.sharding import detect_launched_world
 from memtrain.strategies import MemTrainStrategy, MemTrainTelemetry
 
@@ -143,5 +145,13 @@ def main(cfg: DictConfig) -> None:
     train(cfg)
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """``memtrain-train``: the Hydra app, then, in a distributed worker, an exit that skips the interpreter's
+    teardown (torch's gloo threads outlive the process group and can abort it; see ``exit_worker``)."""
     main()
+    if dist.is_initialized():
+        exit_worker(0)
+
+
+if __name__ == "__main__":
+    cli()
