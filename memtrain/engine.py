@@ -128,9 +128,10 @@ class Engine:
         ``max_grad_norm``: global-norm clipping done by an offloaded optimizer itself (needed when it updates
         blocks during backward; ``clip_grad_norm_`` would come too late there).
         """
-        if any(not isinstance(p, DTensor) for g in optimizer.param_groups for p in g["params"]):
+        current = {id(p) for p in model.parameters()}  # sharding replaces parameters: stale ones are not here
+        if any(id(p) not in current for g in optimizer.param_groups for p in g["params"]):
             raise RuntimeError("build the optimizer after engine.prepare_model(model), from its parameters")
-        if self.config.sharding.stage == 1:
+        if self.config.sharding.stage == 1 and self.data_parallel_mesh.size() > 1:  # one rank: nothing to split
             shard_optimizer_state(optimizer, model, self.data_parallel_mesh)
         if self.config.offload.enabled:
             apply_optimizer_offload(model, optimizer, self.config.offload, self.offload,
