@@ -362,7 +362,7 @@ def test_registered_co2_names() -> None:
         strategy = pl.Trainer(strategy=name, accelerator="cpu", devices=2, logger=False).strategy
         cfg = strategy.memtrain_config
         assert (cfg.sharding.stage, cfg.sharding.hybrid, cfg.local_update.tau) == (stage, hybrid, 12)
-        assert cfg.local_update.asynchronous and cfg.local_update.staleness_penalty
+        assert cfg.local_update.asynchronous and not cfg.local_update.staleness_penalty
 
 
 def _compressed(rank: int, world: int, sharded: bool = False) -> dict[str, Any]:

@@ -8,6 +8,10 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+# The staleness gap penalty stays off: on the CO2 benchmark it cost loss at every length measured (BENCHMARKS.md, CO2).
+CO2_DEFAULTS: dict[str, Any] = {"tau": 12, "outer_momentum": 0.2, "staleness_penalty": False, "outer_clip": 1.0,
+                                "asynchronous": True}
+
 # name -> (description, init kwargs)
 REGISTERED_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "memtrain": ("memtrain, ZeRO-3 (parameters, gradients and optimizer state sharded)", {"zero_stage": 3}),
@@ -17,14 +21,11 @@ REGISTERED_NAMES: dict[str, tuple[str, dict[str, Any]]] = {
     "memtrain_hybrid": ("memtrain, ZeRO-3 inside a node, replicated across nodes", {"zero_stage": 3, "hybrid": True}),
     "memtrain_co2": (
         "memtrain, CO2 local updates across replicas (every rank a replica), all-reduce hidden behind 12 local steps",
-        {"zero_stage": 0, "local_update": {"tau": 12, "outer_momentum": 0.2, "staleness_penalty": True,
-                                           "outer_clip": 1.0, "asynchronous": True}},
+        {"zero_stage": 0, "local_update": dict(CO2_DEFAULTS)},
     ),
     "memtrain_co2_hybrid": (
         "memtrain, ZeRO-3 inside a node, CO2 local updates across nodes (all-reduce hidden behind 12 local steps)",
-        {"zero_stage": 3, "hybrid": True,
-         "local_update": {"tau": 12, "outer_momentum": 0.2, "staleness_penalty": True, "outer_clip": 1.0,
-                          "asynchronous": True}},
+        {"zero_stage": 3, "hybrid": True, "local_update": dict(CO2_DEFAULTS)},
     ),
     "memtrain_zero3_offload": (
         "memtrain, ZeRO-3 with parameters and optimizer state in host memory (optimizer stepped on the CPU)",
