@@ -50,3 +50,16 @@ def test_torchrun_matches_plain_run_and_resumes_bitwise(tmp_path: Path) -> None:
     resumed = consolidate(split_dir / "step-6", tmp_path / "resumed.pt")
     for name, value in got.items():
         assert torch.equal(resumed[name], value), name
+
+
+def test_exit_worker_flushes_output_and_keeps_the_exit_code(tmp_path: Path) -> None:
+    # Piped stdout is block-buffered: without the flush, os._exit would drop the line.
+    code = ("import logging, sys; from memtrain.distributed import exit_worker\n"
+            "logging.basicConfig(stream=sys.stderr, level=logging.INFO)\n"
+            "print('summary line'); logging.getLogger('t').info('log line'); exit_worker(3)\n"
+            "print('not reached')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": ""})
+    assert proc.returncode == 3
+    assert proc.stdout == "summary line\n"
+    assert "log line" in proc.stderr
