@@ -21,6 +21,7 @@ from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultSavePlanner
 from torch.distributed.checkpoint.api import CheckpointException
 
 CHECKSUMS = "checksums.json"
@@ -140,8 +141,14 @@ def write_checkpoint(
         except OSError as e:
             error = e
         _agree(error, group, f"writing {tmp}")
+        # Local updates (their state is in rank_state): replicas differ between outer steps, and DCP would take
+        # each replicated tensor from whichever rank has written least, a patchwork no replica ever held. From
+        # the lowest rank instead, the checkpoint holds replica 0 whole, its optimizer state with it.
+        replicas_differ = rank_state is not None and "local_update" in rank_state
+        planner = DefaultSavePlanner(dedup_save_to_lowest_rank=True) if replicas_differ else None
         try:
-            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), process_group=group)
+            dcp.save(tensors, storage_writer=dcp.FileSystemWriter(tmp, sync_files=True), planner=planner,
+                     process_group=group)
         except (Exception, CheckpointException) as e:  # DCP raises on every rank when one fails (a BaseException)
             raise CheckpointWriteError(f"writing the shards of {final} failed: {e}") from e
         own = {}

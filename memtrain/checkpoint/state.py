@@ -1,7 +1,8 @@
 """Model and optimizer state as name-keyed, DTensor-sharded dicts, for every ZeRO stage.
 
-Every stage lays its parameters out as DTensors, so a checkpoint written at one stage and world size loads
-at another: torch.distributed.checkpoint matches the global tensors and reads just the local pieces.
+Every stage lays its parameters out as DTensors (plain tensors where a stage 0-1 model has a one-rank
+data-parallel mesh), so a checkpoint written at one stage and world size loads at another:
+torch.distributed.checkpoint matches the global tensors and reads just the local pieces.
 """
 from __future__ import annotations
 
