@@ -264,6 +264,17 @@ def test_a_checkpoint_holds_one_replica_whole(tmp_path: Path, world: int, shardi
         assert torch.equal(value, first[name]), name
 
 
+def test_resume_onto_more_replicas_starts_every_replica_from_replica_0(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    lu = {"tau": 4, "asynchronous": True}
+    saved = run_distributed(_run, 2, dict(sharding={"stage": 0}, lu=lu, steps=range(3), save_to=str(ckpt)))[0]
+    # No per-rank state applies at another world size: the outer loop restarts from the loaded model.
+    for got in run_distributed(_run, 4, dict(sharding={"stage": 0}, lu=lu, steps=range(3, 3), load_from=str(ckpt))):
+        assert got["params"].keys() == saved["params"].keys()
+        for name, value in saved["params"].items():
+            assert torch.equal(got["params"][name], value), name
+
+
 @pytest.mark.parametrize("world, sharding, local_world, lu", [
     (2, {"stage": 0}, 2, CO2),
     (2, {"stage": 0}, 2, {**CO2, "outer_state_sharding": True}),  # each rank saves and reloads its own slice

@@ -117,7 +117,8 @@ def write_checkpoint(
     rank_state: dict[str, Any] | None,
     group: Any = None,
 ) -> None:
-    """Collective over ``group``: every rank passes its own shards; ``meta`` is taken from rank 0."""
+    """Collective over ``group``: every rank passes its own shards; ``meta`` is taken from rank 0, with the
+    group's world size added."""
     from memtrain.checkpoint.sharded import META_FILE, atomic_torch_save
 
     final = Path(path)
@@ -136,8 +137,8 @@ def write_checkpoint(
         try:
             if rank_state is not None:
                 atomic_torch_save(rank_state, tmp / f"rank{rank}.pt")
-            if meta is not None and rank == 0:
-                atomic_torch_save(meta, tmp / META_FILE)
+            if rank == 0:  # the world size too: rank states apply only at the one that wrote them
+                atomic_torch_save({**(meta or {}), "world_size": _world(group)}, tmp / META_FILE)
         except OSError as e:
             error = e
         _agree(error, group, f"writing {tmp}")
