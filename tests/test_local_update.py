@@ -191,28 +191,38 @@ HELD_STEPS = 2  # local steps the background reduction waits for before its coll
 
 
 def _slow_reduction(engine: Any, model: Any, opt: Any) -> None:
-    """Hold each reduction until local steps have completed after it started (not a fixed time: a loaded
-    machine makes steps slow), so the live parameters change while the snapshot waits."""
+    """Hold each reduction until HELD_STEPS local steps after the launching one have completed (not a fixed time:
+    a loaded machine makes steps slow), so the live parameters change while the snapshot waits. The launching
+    step returns only once the reduction thread has started: the steps counted are then surely during it."""
     background = engine.local_update.background
-    fast = background.reduce
+    fast, fast_launch = background.reduce, background.launch
     stepped = threading.Condition()
     count = [0]
+    started = threading.Event()
     inner_step = opt.step
 
     def counting_step(*args: Any, **kwargs: Any) -> Any:
+        started.set()  # a step without a launch does not wait
         out = inner_step(*args, **kwargs)
+        started.wait(timeout=10.0)
         with stepped:
             count[0] += 1
             stepped.notify_all()
         return out
 
+    def counted_launch(snapshot: torch.Tensor) -> None:
+        started.clear()
+        fast_launch(snapshot)
+
     def slow(flat: torch.Tensor) -> torch.Tensor:
-        with stepped:  # +1: the step that launched this round may not have been counted yet
-            start = count[0]
-            stepped.wait_for(lambda: count[0] >= start + HELD_STEPS + 1, timeout=3.0)  # the last round: 3 s
+        with stepped:
+            launching = count[0]  # the launching step is not counted before started is set
+            started.set()
+            stepped.wait_for(lambda: count[0] >= launching + 1 + HELD_STEPS, timeout=3.0)  # last round: 3 s
         return fast(flat)
 
     opt.step = counting_step
+    background.launch = counted_launch
     background.reduce = slow
 
 
