@@ -254,7 +254,31 @@ class LocalUpdateConfig:
 
 
 ACTIVATION_POLICIES = ("none", "keep", "recompute", "swap", "split", "auto")
+BLOCK_POLICIES = ("keep", "recompute", "swap", "split")  # what ``activations.blocks`` may set for a block
 ACTIVATION_TIERS = ("cpu", "nvme")
+
+
+def _selector_items(key: str, text: str) -> list[int | slice]:
+    """``"0,3"``, ``"0:4"``, ``"::2"``, ``"-2:"`` -> block indices and slices (Python's meaning, negatives count
+    from the last block)."""
+    items: list[int | slice] = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            if ":" in part:
+                bounds = part.split(":")
+                if len(bounds) > 3:
+                    raise ValueError(part)
+                start, stop, step = (int(b) if b.strip() else None for b in bounds + [""] * (3 - len(bounds)))
+                if step == 0:
+                    raise ValueError(part)
+                items.append(slice(start, stop, step))
+            else:
+                items.append(int(part))
+        except ValueError:
+            raise _err(key, text, "use block indices and Python slices, comma-separated, such as '::2', '0:4', "
+                                  "'0,3' or '-1' (the last block)") from None
+    return items
 
 
 @dataclass(frozen=True)
@@ -277,6 +301,10 @@ class ActivationsConfig:
     token_parallel: "auto" (a block's LayerNorm / RMSNorm and *MLP / *FeedForward children) or class names
         of a block's children that act on every token independently (split applies to them).
     seq_dim: the sequence dimension of those children's inputs.
+    blocks: per-block policies that override ``policy`` for the blocks they select, as {policy: selector}:
+        ``{"recompute": "::2", "keep": "-1"}`` recomputes every other block and keeps the last. A selector is
+        block indices and Python slices, comma-separated (or an index, or a list of indices). Blocks not selected
+        follow ``policy`` ("none" there: they are kept); under "auto" the planner chooses only for them.
     """
 
     policy: str = "none"
@@ -289,18 +317,21 @@ class ActivationsConfig:
     prefetch_blocks: int = 1
     token_parallel: str | tuple[str, ...] = "auto"
     seq_dim: int = 1
+    blocks: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.policy not in ACTIVATION_POLICIES:
             raise _err("activations.policy", self.policy, f"choose one of {list(ACTIVATION_POLICIES)}")
+        object.__setattr__(self, "blocks", self._normalized_blocks())
         if self.tier not in ACTIVATION_TIERS:
             raise _err("activations.tier", self.tier, f"choose one of {list(ACTIVATION_TIERS)}")
         fraction = self.swap_fraction
         if fraction is not None:
             if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
                 raise _err("activations.swap_fraction", fraction, "use a number strictly between 0 and 1, or null")
-            if self.policy != "split":
-                raise _err("activations.swap_fraction", fraction, "only meaningful with activations.policy='split'")
+            if self.policy != "split" and "split" not in self.blocks:
+                raise _err("activations.swap_fraction", fraction, "only meaningful with activations.policy='split' "
+                                                                  "(or blocks set to split in activations.blocks)")
         if self.memory_budget is not None:
             object.__setattr__(self, "memory_budget", parse_bytes("activations.memory_budget", self.memory_budget))
             if self.policy != "auto":
@@ -325,13 +356,62 @@ class ActivationsConfig:
                            "use 'auto' or a non-empty list of class names")
             object.__setattr__(self, "token_parallel", names)
 
+    def _normalized_blocks(self) -> dict[str, str]:
+        given = {} if self.blocks is None else self.blocks
+        if not isinstance(given, Mapping):
+            raise _err("activations.blocks", given, "use a mapping {policy: selector}, such as {'recompute': '::2'}")
+        out: dict[str, str] = {}
+        for kind, selector in given.items():
+            key = f"activations.blocks.{kind}"
+            if kind not in BLOCK_POLICIES:
+                raise _err("activations.blocks", dict(given), f"its keys are policies: choose from "
+                                                              f"{list(BLOCK_POLICIES)}")
+            if isinstance(selector, int) and not isinstance(selector, bool):
+                text = str(selector)
+            elif isinstance(selector, (list, tuple)) and selector and all(
+                    isinstance(i, int) and not isinstance(i, bool) for i in selector):
+                text = ",".join(str(i) for i in selector)
+            elif isinstance(selector, str) and selector.strip():
+                text = selector.strip()
+            else:
+                raise _err(key, selector, "use block indices and Python slices, such as '::2', '0:4', '0,3', 3 or "
+                                          "[0, 3]")
+            _selector_items(key, text)
+            out[kind] = text
+        return out
+
+    def block_policies(self, count: int) -> dict[int, str]:
+        """The blocks ``blocks`` sets, as {block index: policy}, for a model of ``count`` blocks. ConfigError for a
+        selector past the last block, one that selects nothing, or a block that two policies select."""
+        chosen: dict[int, str] = {}
+        for kind, text in self.blocks.items():
+            key = f"activations.blocks.{kind}"
+            indices: list[int] = []
+            for item in _selector_items(key, text):
+                if isinstance(item, slice):
+                    picked = list(range(count))[item]
+                    if not picked:
+                        raise _err(key, text, f"it selects none of the model's {count} blocks (0-{count - 1})")
+                    indices += picked
+                elif -count <= item < count:
+                    indices.append(item % count)
+                else:
+                    raise _err(key, text, f"block {item} does not exist: the model has {count} blocks "
+                                          f"(0-{count - 1}, or -1 for the last)")
+            for i in indices:
+                if chosen.get(i, kind) != kind:
+                    raise _err(key, text, f"block {i} is selected by activations.blocks.{chosen[i]} as well: give "
+                                          f"each block one policy")
+                chosen[i] = kind
+        return chosen
+
     @property
     def enabled(self) -> bool:
-        return self.policy != "none"
+        return self.policy != "none" or bool(self.blocks)
 
     @property
     def moves_bytes(self) -> bool:
-        return self.policy in ("swap", "split", "auto")
+        return self.policy in ("swap", "split", "auto") or any(k in ("swap", "split") for k in self.blocks)
 
 
 REDUNDANCIES = ("none", "replica", "xor")

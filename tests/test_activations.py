@@ -30,6 +30,9 @@ def _policy(name: str, nvme: str, budget: int = AUTO_BUDGET) -> dict[str, Any] |
         "swap-nvme": {"policy": "swap", "tier": "nvme", "nvme_path": nvme},
         "split": {"policy": "split", "swap_fraction": 0.5},
         "auto": {"policy": "auto", "memory_budget": budget},
+        # One block of each kind, set per block: recompute, split, swap (the base policy), keep.
+        "per-block": {"policy": "swap", "keep_last_blocks": 0, "swap_fraction": 0.5,
+                      "blocks": {"recompute": "0", "split": [1], "keep": "-1"}},
     }[name]
 
 
@@ -39,7 +42,7 @@ def _policy(name: str, nvme: str, budget: int = AUTO_BUDGET) -> dict[str, Any] |
 # within a tight tolerance of no policy (fp32; in bf16 the chunking moves elements by an ulp, and Adam amplifies
 # that step after step, so the comparison with no policy is on the first step's gradients).
 BITWISE = {"keep", "recompute", "swap-cpu", "swap-nvme"}
-POLICIES = ["keep", "recompute", "swap-cpu", "swap-nvme", "split", "auto"]
+POLICIES = ["keep", "recompute", "swap-cpu", "swap-nvme", "split", "auto", "per-block"]
 
 
 def _train(policy: dict[str, Any] | None, bf16: bool, rank: int = 0, world: int = 1, engine_cfg: dict | None = None,
@@ -146,6 +149,8 @@ def test_policy_matches_no_policy(name: str, bf16: bool, tmp_path) -> None:
         assert got["moved"] > 0  # something really left the device
     if name == "auto":
         assert len(got["policies"][-1]) == CFG.n_layer
+    if name == "per-block":
+        assert got["policies"][-1] == ["recompute", "split(0.50)", "swap", "keep"]
 
 
 def _zero3_all_policies(rank: int, world: int, bf16: bool, nvme: str) -> dict[str, Any]:
@@ -374,6 +379,13 @@ def test_lightning_refuses_an_unreachable_budget_before_the_first_update(tmp_pat
     ({"activations": {"policy": "swap", "swap_fraction": 0.5}}, "only meaningful with activations.policy='split'"),
     ({"activations": {"policy": "auto", "memory_budget": "lots"}}, "activations.memory_budget='lots'"),
     ({"activations": {"policy": "swap", "keep_last_blocks": -1}}, "activations.keep_last_blocks=-1"),
+    ({"activations": {"policy": "swap", "blocks": {"offload": "0"}}}, "its keys are policies: choose from"),
+    ({"activations": {"blocks": {"recompute": "every other"}}}, "activations.blocks.recompute='every other'"),
+    ({"activations": {"blocks": {"recompute": "::0"}}}, "activations.blocks.recompute='::0'"),
+    ({"activations": {"blocks": ["recompute"]}}, "is not valid: use a mapping {policy: selector}"),
+    ({"activations": {"policy": "keep", "blocks": {"recompute": "0"}, "swap_fraction": 0.5}},
+     "only meaningful with activations.policy='split' (or blocks set to split"),
+    ({"activations": {"blocks": {"swap": "0"}, "tier": "nvme"}}, "activations.tier='nvme' is not configured"),
 ])
 def test_bad_activation_settings_name_the_key(data: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
@@ -416,7 +428,8 @@ def test_nvme_tier_frees_its_host_arenas_as_writes_finish(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_hydra_app_trains_with_activations_auto(tmp_path) -> None:
-    """``memtrain-train activations=auto model.seq_len=...``: Lightning, ZeRO-3 on 2 processes, the plan printed."""
+    """``memtrain-train activations=auto model.seq_len=... activations.blocks=...``: Lightning, ZeRO-3 on 2
+    processes, the plan printed, the block set on the command line kept as set."""
     import os
     import subprocess
     import sys
@@ -424,6 +437,7 @@ def test_hydra_app_trains_with_activations_auto(tmp_path) -> None:
 
     root = Path(__file__).resolve().parent.parent
     cmd = [sys.executable, "-m", "memtrain.cli.train", "activations=auto", "activations.memory_budget=700KiB",
+           "activations.blocks={recompute: '0'}",
            "model.seq_len=64", "model.n_layer=3", "model.n_embd=32", "model.n_head=2", "trainer.max_steps=5",
            "data.max_bytes=100000", "data.batch_size=4", "trainer.limit_val_batches=0",
            "callbacks.checkpoint_every_n_train_steps=null", "trainer.enable_progress_bar=false",
@@ -432,6 +446,7 @@ def test_hydra_app_trains_with_activations_auto(tmp_path) -> None:
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("memtrain activation plan: budget 0.68 MiB") == 1  # one plan, printed by rank 0
+    assert "    0  recompute *" in proc.stdout  # the block set on the command line
     assert "memtrain summary: 5 steps on 2 ranks" in proc.stdout
 
 
@@ -463,6 +478,68 @@ def test_split_without_a_fraction_chooses_one_per_block() -> None:
     final = got["policies"][-1]
     assert all(p.startswith("split(") for p in final[:-1]) and final[-1] == "keep", final  # the last block kept
     _check("split", got, want, False)
+    # Set on some blocks only: those are profiled and split, the others keep their policy.
+    got = _train({"policy": "recompute", "blocks": {"split": "0:2"}}, False)
+    final = got["policies"][-1]
+    assert [p[:6] for p in final] == ["split(", "split(", "recomp", "recomp"], final
+    _check("split", got, want, False)
+
+
+# -- per-block policies set by the user (activations.blocks) --------------------------------------------------------
+def test_auto_plans_around_the_blocks_the_user_sets(capsys) -> None:
+    """auto leaves the blocks ``activations.blocks`` sets as they are, plans the others, and its peak still follows
+    the plan; a budget those blocks make unreachable is refused in the first forward, saying why."""
+    budget = 700_000
+    free = _train({"policy": "auto", "memory_budget": budget}, False)["policies"][-1]
+    assert free[0] != "keep", free  # left to itself, the planner does not keep block 0 at this budget
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    manager = apply_activations(model, ActivationsConfig(policy="auto", memory_budget=budget,
+                                                         blocks={"keep": "0"}))
+    opt = make_optimizer(model)
+    _run_steps(model, opt, range(3))
+    assert [str(p) for p in manager.policies][0] == "keep" and manager.plan.predicted_peak <= budget
+    table = capsys.readouterr().out
+    assert "    0  keep *" in table and "* set by activations.blocks" in table, table
+    manager.accounting.reset_peak()
+    _run_steps(model, opt, range(3, 4))
+    measured, predicted = manager.accounting.peak_bytes, manager.plan.predicted_peak
+    assert abs(measured - predicted) <= 0.1 * predicted, (measured, predicted, manager.plan.table())
+
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    manager = apply_activations(model, ActivationsConfig(policy="auto", memory_budget=AUTO_BUDGET,
+                                                         blocks={"keep": "0:2"}))
+    opt = make_optimizer(model)
+    with pytest.raises(ConfigError, match="the smallest budget any plan reaches for these blocks with the policies "
+                                          "activations.blocks sets is"):
+        _run_steps(model, opt, range(1))
+    assert manager.plan is None and not opt.state
+    assert all(torch.equal(p.detach(), before[n]) for n, p in model.named_parameters())
+
+
+def _prepare_with_blocks(rank: int, world: int, blocks: dict) -> str | None:
+    from memtrain import Engine
+
+    config = MemTrainConfig.from_dict({"sharding": {"stage": 3}, "activations": {"policy": "swap", "blocks": blocks}})
+    try:
+        Engine.create(config, world, world, "cpu").prepare_model(GPT(CFG))
+    except ConfigError as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("blocks, message", [
+    ({"recompute": "7"}, "activations.blocks.recompute='7' is not valid: block 7 does not exist: the model has 4 "
+                         "blocks (0-3, or -1 for the last)"),
+    ({"recompute": "4:"}, "activations.blocks.recompute='4:' is not valid: it selects none of the model's 4 blocks"),
+    ({"recompute": "::2", "keep": "0,3"}, "activations.blocks.keep='0,3' is not valid: block 0 is selected by "
+                                          "activations.blocks.recompute as well"),
+])
+def test_block_selectors_are_checked_against_the_model(blocks: dict, message: str) -> None:
+    """Through the Engine (ZeRO-3): refused while the model is prepared, before any step."""
+    assert message in (run_distributed(_prepare_with_blocks, 1, blocks)[0] or "no error")
 
 
 def _lightning_fits(rank: int, world: int) -> dict[str, Any]:

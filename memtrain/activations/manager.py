@@ -146,7 +146,10 @@ class ActivationManager:
         self.blocks = blocks
         self.config = config
         self.accounting = SavedTensorAccounting()
-        self.policies = self._fixed_policies(config)
+        # What each block was configured to do; None: the planner chooses (auto), split(None): its fraction too.
+        overrides = config.block_policies(len(blocks))  # a selector past the last block fails here, before training
+        self.configured = self._configured_policies(config, len(blocks), overrides)
+        self.pinned = set(overrides)  # the blocks activations.blocks sets (the plan marks them)
         self.expected = [0] * len(blocks)  # arena bytes per block, from what it saved last time
         self.packets: list[list[Packet]] = [[] for _ in blocks]
         self.transfers: Transfers | None = None
@@ -159,8 +162,9 @@ class ActivationManager:
             self.folder = SwapDirectory(nvme_path, f"{job}-activations")
         self.profile: Profile | None = None
         self.plan: Any = None  # planner.Plan once planned
-        # auto, and split without a fraction, choose from a profiled step
-        self._profiling = config.policy == "auto" or (config.policy == "split" and config.swap_fraction is None)
+        # auto, and split without a fraction, choose from a profiled step (every block swaps in it)
+        self._profiling = any(p is None or (p.kind == "split" and p.fraction is None) for p in self.configured)
+        self.policies = [BlockPolicy("swap") if self._profiling else p for p in self.configured]
         self._forwards = 0  # training forwards seen while profiling (1: warm-up, 2: profile)
         self._scope: _Scope | None = None
         self._device: torch.device | None = None
@@ -171,16 +175,22 @@ class ActivationManager:
                 self._wrap_token_child(index, child)
 
     # -- policies -----------------------------------------------------------------------------------------
-    def _fixed_policies(self, config: ActivationsConfig) -> list[BlockPolicy]:
-        n = len(self.blocks)
-        kind = config.policy if config.policy in KINDS else "swap"
-        if kind == "split" and config.swap_fraction is None:
-            kind = "swap"  # the profiled step swaps everything (it sees every saved tensor), then fractions are chosen
-        policies = [BlockPolicy(kind, config.swap_fraction if kind == "split" else None) for _ in range(n)]
-        if config.policy in ("swap", "split"):
-            for i in range(max(0, n - config.keep_last_blocks), n):
-                policies[i] = BlockPolicy("keep")
-        return policies
+    @staticmethod
+    def _configured_policies(config: ActivationsConfig, n: int, overrides: dict[int, str]
+                             ) -> list[BlockPolicy | None]:
+        """``policy`` for every block (the last ``keep_last_blocks`` kept under swap / split), then what
+        ``activations.blocks`` sets. None: auto's planner chooses."""
+        if config.policy == "auto":
+            configured: list[BlockPolicy | None] = [None] * n
+        else:
+            kind = "keep" if config.policy == "none" else config.policy  # "none" with blocks set: the others kept
+            configured = [BlockPolicy(kind, config.swap_fraction if kind == "split" else None) for _ in range(n)]
+            if config.policy in ("swap", "split"):
+                for i in range(max(0, n - config.keep_last_blocks), n):
+                    configured[i] = BlockPolicy("keep")
+        for i, kind in overrides.items():
+            configured[i] = BlockPolicy(kind, config.swap_fraction if kind == "split" else None)
+        return configured
 
     def set_policies(self, policies: list[BlockPolicy]) -> None:
         if len(policies) != len(self.blocks) or any(p.kind not in KINDS for p in policies):
@@ -288,7 +298,8 @@ class ActivationManager:
         self.profile.device = str(self._device)
         self._agree_across_ranks(self.profile)
         plan = make_plan if self.config.policy == "auto" else choose_split_fractions
-        self.plan = plan(self.profile, self.config, self._device or torch.device("cpu"), self._bandwidth_probe())
+        self.plan = plan(self.profile, self.config, self._device or torch.device("cpu"), self._bandwidth_probe(),
+                         self.configured, self.pinned)
         self.set_policies(self.plan.policies)
         import torch.distributed as dist
 
@@ -303,7 +314,7 @@ class ActivationManager:
 
         assert self.profile is not None
         self._agree_across_ranks(self.profile)
-        check_budget(self.profile, self.config, self._device or torch.device("cpu"))
+        check_budget(self.profile, self.config, self._device or torch.device("cpu"), self.configured)
 
     @staticmethod
     def _agree_across_ranks(profile: Profile) -> None:

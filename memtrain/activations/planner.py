@@ -62,6 +62,7 @@ class Plan:
     predicted_time_s: float
     bandwidth: tuple[float, float]  # bytes/s out, in
     rows: list[dict[str, Any]] = field(default_factory=list)
+    pinned: bool = False  # some blocks' policies were set by activations.blocks (marked * in the table)
 
     def table(self) -> str:
         out_bw, in_bw = self.bandwidth
@@ -74,6 +75,8 @@ class Plan:
         for row in self.rows:
             lines.append(f"{row['block']:>5}  {row['policy']:<12} {row['kept'] / 2**20:>9.2f} "
                          f"{row['moved'] / 2**20:>10.2f} {row['forward_s'] * 1e3:>8.2f} {row['extra_s'] * 1e3:>9.2f}")
+        if self.pinned:
+            lines.append("  * set by activations.blocks")
         return "\n".join(lines)
 
 
@@ -117,6 +120,19 @@ def block_options(profiles: list[BlockProfile], j: int, bw: tuple[float, float],
                                (1 - a) * token_forward + _transfer_s(moved, bw, overlap, window_out, window_in),
                                (1 - a) * p.token_rerun_bytes))
     return opts
+
+
+def configured_options(profiles: list[BlockProfile], j: int, bw: tuple[float, float], overlap: bool,
+                       configured: BlockPolicy | None) -> list[Option]:
+    """Block j's options, limited to what it was configured to be: all of them (None: the planner chooses), the
+    split fractions (split without a fraction), or the one configured policy."""
+    if configured is None:
+        return block_options(profiles, j, bw, overlap)
+    opts = block_options(profiles, j, bw, overlap, configured.fraction if configured.kind == "split" else None)
+    kind = configured.kind
+    if kind == "split" and not any(o.policy.kind == "split" for o in opts):
+        kind = "swap"  # no token-parallel children: a split block swaps whole
+    return [o for o in opts if o.policy.kind == kind]
 
 
 def simulate_peak(options: list[Option], prefetch_blocks: int, overlap: bool = False) -> float:
@@ -177,21 +193,25 @@ def _search(choices: list[list[Option]], budget: float, prefetch: int, time_matt
     return current
 
 
+def _of_kind(options: list[Option], kind: str) -> Option:
+    return next((o for o in options if o.policy.kind == kind), options[0])
+
+
 def _smallest(choices: list[list[Option]], prefetch: int, overlap: bool) -> tuple[float, list[Option]]:
     """The least peak the planner can reach, and the plan that reaches it (searched by peak alone)."""
     candidates = [
         _search(choices, 0, prefetch, False, overlap),
-        [c[2] for c in choices],  # swap everything
-        [c[1] for c in choices],  # recompute everything
+        [_of_kind(c, "swap") for c in choices],  # swap everything (that the configuration leaves to the planner)
+        [_of_kind(c, "recompute") for c in choices],  # recompute everything
     ]
     return min(((simulate_peak(c, prefetch, overlap), c) for c in candidates), key=lambda pc: pc[0])
 
 
-def _peak_choices(profile: Profile) -> list[list[Option]]:
+def _peak_choices(profile: Profile, configured: list[BlockPolicy | None]) -> list[list[Option]]:
     """Every block's options at the fixed split fractions: the peaks depend on bytes alone (no timing), so the
     warm-up forward's bytes give the same smallest reachable budget as the profiled step's."""
     bw = (1e9, 1e9)
-    return [block_options(profile.blocks, j, bw, False) for j in range(len(profile.blocks))]
+    return [configured_options(profile.blocks, j, bw, False, configured[j]) for j in range(len(profile.blocks))]
 
 
 def _unit(n: float) -> str:
@@ -204,48 +224,60 @@ def _unit(n: float) -> str:
 class UnreachableBudget(ConfigError):
     """activations.memory_budget is below what any plan reaches; ``smallest`` is the least that is reached."""
 
-    def __init__(self, budget: int, smallest: float) -> None:
+    def __init__(self, budget: int, smallest: float, pinned: bool = False) -> None:
         self.smallest = int(smallest) + 1 if smallest > int(smallest) else int(smallest)
+        also = ", free blocks that activations.blocks sets" if pinned else ""
         super().__init__(
             f"activations.memory_budget={budget} bytes ({_unit(budget)}) cannot be reached: the smallest budget any "
-            f"plan reaches for these blocks is {self.smallest} bytes ({_unit(self.smallest)}); set "
-            f"activations.memory_budget to at least {self.smallest} bytes, or shorten the sequence / micro-batch")
+            f"plan reaches for these blocks{' with the policies activations.blocks sets' if pinned else ''} is "
+            f"{self.smallest} bytes ({_unit(self.smallest)}); set activations.memory_budget to at least "
+            f"{self.smallest} bytes{also}, or shorten the sequence / micro-batch")
 
 
-def check_budget(profile: Profile, config: ActivationsConfig, device: torch.device) -> None:
+def check_budget(profile: Profile, config: ActivationsConfig, device: torch.device,
+                 configured: list[BlockPolicy | None]) -> None:
     """Raise ConfigError naming the smallest reachable budget if ``config.memory_budget`` is below it."""
     budget = int(config.memory_budget or 0)
-    smallest, _ = _smallest(_peak_choices(profile), config.prefetch_blocks, device.type == "cuda")
+    smallest, _ = _smallest(_peak_choices(profile, configured), config.prefetch_blocks, device.type == "cuda")
     if smallest > budget:
-        raise UnreachableBudget(budget, smallest)
+        raise UnreachableBudget(budget, smallest, any(c is not None for c in configured))
+
+
+def _plan(chosen: list[Option], profile: Profile, budget: int, peak: float, bw: tuple[float, float],
+          pinned: set[int]) -> Plan:
+    blocks = profile.blocks
+    base = sum(max(b.forward_s - b.move_s, 0.0) * 3 for b in blocks)  # forward + ~2x in backward
+    rows = []
+    for j, (o, b) in enumerate(zip(chosen, blocks)):
+        rows.append({"block": j, "policy": str(o.policy) + (" *" if j in pinned else ""), "kept": int(o.resident),
+                     "moved": int(o.reload), "forward_s": max(b.forward_s - b.move_s, 0.0), "extra_s": o.extra_s})
+    return Plan([o.policy for o in chosen], chosen, profile, budget, int(peak),
+                base + sum(o.extra_s for o in chosen), bw, rows, bool(pinned))
 
 
 def make_plan(profile: Profile, config: ActivationsConfig, device: torch.device,
-              probe: Callable[[int], tuple[float, float]]) -> Plan:
+              probe: Callable[[int], tuple[float, float]], configured: list[BlockPolicy | None],
+              pinned: set[int] = frozenset()) -> Plan:
+    """auto: the plan of least predicted step time whose peak fits ``memory_budget``; blocks that are not None in
+    ``configured`` (set by ``activations.blocks``) keep their policy."""
     blocks = profile.blocks
     largest = max((b.saved_bytes for b in blocks), default=0)
     bw = probe(max(largest, 1 << 20))
     overlap = device.type == "cuda"
-    choices = [block_options(blocks, j, bw, overlap) for j in range(len(blocks))]
+    choices = [configured_options(blocks, j, bw, overlap, configured[j]) for j in range(len(blocks))]
     budget = int(config.memory_budget or 0)
     chosen = _search(choices, budget, config.prefetch_blocks, True, overlap)
     peak = simulate_peak(chosen, config.prefetch_blocks, overlap)
     if peak > budget:  # the time-driven search missed: the plans of least peak (what check_budget found too)
-        fixed = _smallest(_peak_choices(profile), config.prefetch_blocks, overlap)[1]
+        fixed = _smallest(_peak_choices(profile, configured), config.prefetch_blocks, overlap)[1]
         candidates = [_smallest(choices, config.prefetch_blocks, overlap)[1],
                       [next(o for o in choices[j] if o.policy == f.policy) for j, f in enumerate(fixed)]]
         peaks = [simulate_peak(c, config.prefetch_blocks, overlap) for c in candidates]
         fitting = [(sum(o.extra_s for o in c), p, c) for p, c in zip(peaks, candidates) if p <= budget]
         if not fitting:
-            raise UnreachableBudget(budget, min(peaks))
+            raise UnreachableBudget(budget, min(peaks), bool(pinned))
         _, peak, chosen = min(fitting, key=lambda t: t[:2])
-    base = sum(max(b.forward_s - b.move_s, 0.0) * 3 for b in blocks)  # forward + ~2x in backward
-    rows = []
-    for j, (o, b) in enumerate(zip(chosen, blocks)):
-        rows.append({"block": j, "policy": str(o.policy), "kept": int(o.resident), "moved": int(o.reload),
-                     "forward_s": max(b.forward_s - b.move_s, 0.0), "extra_s": o.extra_s})
-    return Plan([o.policy for o in chosen], chosen, profile, budget, int(peak),
-                base + sum(o.extra_s for o in chosen), bw, rows)
+    return _plan(chosen, profile, budget, peak, bw, pinned)
 
 
 def measure_bandwidth(tier: str, device: torch.device, nbytes: int, folder: Any = None) -> tuple[float, float]:
@@ -299,25 +331,17 @@ def predict_peak(profile: Profile, policies: list[BlockPolicy], prefetch_blocks:
 
 
 def choose_split_fractions(profile: Profile, config: ActivationsConfig, device: torch.device,
-                           probe: Callable[[int], tuple[float, float]]) -> Plan:
-    """policy="split" without a fraction: per block, the split whose predicted extra time is least. With copies
-    that overlap compute (CUDA), that is MEMO's choice: the most tokens whose transfer still hides behind the
-    neighbouring blocks' compute; the rest is recomputed. The last ``keep_last_blocks`` blocks are kept."""
+                           probe: Callable[[int], tuple[float, float]], configured: list[BlockPolicy | None],
+                           pinned: set[int] = frozenset()) -> Plan:
+    """Split without a fraction: per such block, the split whose predicted extra time is least. With copies that
+    overlap compute (CUDA), that is MEMO's choice: the most tokens whose transfer still hides behind the
+    neighbouring blocks' compute; the rest is recomputed. The other blocks keep their configured policy."""
     blocks = profile.blocks
     bw = probe(max(max((b.saved_bytes for b in blocks), default=0), 1 << 20))
     overlap = device.type == "cuda"
     chosen = []
     for j in range(len(blocks)):
-        opts = block_options(blocks, j, bw, overlap)
-        if j >= len(blocks) - config.keep_last_blocks:
-            chosen.append(opts[0])
-            continue
-        splits = [o for o in opts if o.policy.kind == "split"] or [opts[2]]  # no token-parallel children: swap
-        chosen.append(min(splits, key=lambda o: (o.extra_s, -(o.policy.fraction or 0.0))))
+        opts = configured_options(blocks, j, bw, overlap, configured[j])
+        chosen.append(min(opts, key=lambda o: (o.extra_s, -(o.policy.fraction or 0.0))))
     peak = int(simulate_peak(chosen, config.prefetch_blocks, overlap))
-    base = sum(max(b.forward_s - b.move_s, 0.0) * 3 for b in blocks)
-    rows = [{"block": j, "policy": str(o.policy), "kept": int(o.resident), "moved": int(o.reload),
-             "forward_s": max(b.forward_s - b.move_s, 0.0), "extra_s": o.extra_s}
-            for j, (o, b) in enumerate(zip(chosen, blocks))]
-    return Plan([o.policy for o in chosen], chosen, profile, peak, peak, base + sum(o.extra_s for o in chosen), bw,
-                rows)
+    return _plan(chosen, profile, peak, peak, bw, pinned)
