@@ -146,3 +146,22 @@ def test_swap_directory_is_per_run_checked_and_removed(tmp_path: Path) -> None:
         SwapDirectory(tmp_path / "a_file", job="j")
     with pytest.raises(ConfigError, match="cannot be created"):
         SwapDirectory(tmp_path / "a_file" / "below", job="j")
+
+
+def test_memtrain_imports_without_the_native_engine_and_says_how_to_build_it() -> None:
+    """A machine where ``memtrain._C`` is not built (the GPU check builds it there first): everything imports,
+    the CPU activation tier works, and the first swap engine names the fix."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['memtrain._C'] = None\n"
+        "import memtrain, memtrain.engine, memtrain.activations, memtrain.offload\n"
+        "from memtrain.swap import SwapEngine\n"
+        "try:\n    SwapEngine()\nexcept ImportError as e:\n    print('ERR', e)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "ERR memtrain._C, the native swap engine that the NVMe tiers use, is not built: run `pip install -e .`" \
+        in out.stdout, out.stdout

@@ -44,6 +44,8 @@ class ArenaPool:
 
     def acquire(self, nbytes: int, owner: Any) -> Arena:
         nbytes = max(round_up(nbytes), ALIGN)
+        if self.pin:  # torch's pinned allocator locks a power of two anyway: use it all, and count what is locked
+            nbytes = 1 << (nbytes - 1).bit_length()
         free = [a for a in self.arenas if not a.busy and a.capacity >= nbytes]
         mine = [a for a in free if a.owner == owner]
         pick = (mine or free or [None])[0]

@@ -134,8 +134,20 @@ class _Scope:
 
 
 def _sync(device: torch.device | None) -> None:
+    """Wait for the compute stream only: a profiled block's time must not include its own copies, which run on
+    the side stream and which the planner costs from the measured bandwidth."""
     if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
+        torch.cuda.current_stream(device).synchronize()
+
+
+def _device_of(block: nn.Module, args: tuple[Any, ...]) -> torch.device:
+    """Where the block computes: its first tensor input's device, else its parameters'."""
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+    for p in block.parameters():
+        return p.device
+    return torch.device("cpu")
 
 
 class ActivationManager:
@@ -198,6 +210,7 @@ class ActivationManager:
         self.policies = list(policies)
 
     def device_of(self, t: torch.Tensor) -> torch.device:
+        """The compute device (a saved tensor elsewhere, such as a CPU scalar of a CUDA model, is kept)."""
         if self._device is None:
             self._device = t.device
         return self._device
@@ -209,6 +222,8 @@ class ActivationManager:
         def forward(*args: Any, **kwargs: Any) -> Any:
             if not torch.is_grad_enabled():
                 return original(*args, **kwargs)
+            if self._device is None:
+                self._device = _device_of(block, args)  # before the first packet: its copies follow this device
             if index == 0:
                 self._step_begins()
             policy = self.policies[index]

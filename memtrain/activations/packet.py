@@ -304,6 +304,11 @@ class Packet:
             self.t.pending_writes.remove(self)
         self.reads, self.writes = [], []
         for slot in self.slots.values():
+            if slot.device is not None and slot.ready is not None:
+                # Reloaded but never unpacked (a branch backward did not reach): the storage was allocated on the
+                # compute stream and is being written on the side stream; the compute stream must not reuse it
+                # before that copy is done.
+                torch.cuda.current_stream(self.t.device).wait_event(slot.ready)
             if slot.loaded_key is not None:
                 self.t.accounting.release(slot.loaded_key)
                 slot.device, slot.loaded_key = None, None

@@ -13,7 +13,6 @@ from typing import Any
 
 import torch
 
-from memtrain import _C
 from memtrain.swap.buffers import ALIGN
 
 
@@ -53,6 +52,12 @@ class SwapHandle:
 class SwapEngine:
     def __init__(self, queue_depth: int = 8, block_size: int = 2**20, threads: int = 4,
                  backend: str = "auto") -> None:
+        try:
+            from memtrain import _C
+        except ImportError as err:  # only the NVMe tiers need it: the rest of memtrain imports without it
+            raise ImportError("memtrain._C, the native swap engine that the NVMe tiers use, is not built: run "
+                              "`pip install -e .` in the memtrain checkout (a C++17 compiler is needed; with "
+                              "liburing-dev installed it uses io_uring)") from err
         self._io = _C.IOEngine(queue_depth, block_size, threads, backend)
 
     @property
