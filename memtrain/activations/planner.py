@@ -22,7 +22,8 @@ beyond its input, as the children rerun one at a time). The budget covers the bl
 the accounting in ``memtrain.telemetry.saved_tensors`` counts for them).
 
 Search: start from keeping everything (the least time); while the peak is over budget, take the change of one
-block's policy that lowers the peak most per second it adds. If that cannot reach the budget, a search that
+block's policy that lowers the peak most per second it adds. A block whose policy ``activations.blocks`` sets
+has that option only (a split without a fraction: its fractions). If that cannot reach the budget, a search that
 only minimizes the peak gives the smallest reachable budget, which the error names. That bound depends on
 bytes alone, so ``check_budget`` computes it from the warm-up forward, before any backward or update.
 """
