@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor
 
+from memtrain.offload.views import dtensor_view
+
 ALIGN = 64  # bytes; keeps every tensor's start aligned for vectorized copies
 
 
@@ -46,7 +48,7 @@ class Entry:
         if self.dtensor is None:
             return local
         mesh, placements, shape, stride = self.dtensor
-        return DTensor.from_local(local, mesh, placements, run_check=False, shape=shape, stride=stride)
+        return dtensor_view(local, mesh, placements, shape, stride)  # stays in the snapshot, off the GPU
 
 
 @dataclass

@@ -27,6 +27,7 @@ from torch.distributed.tensor import DTensor
 from memtrain.offload.params import ParamOffload, ParamUnit
 from memtrain.offload.staging import DeviceStaging
 from memtrain.offload.store import StateStore
+from memtrain.offload.views import dtensor_like
 from memtrain.sharding.zero1 import zero1_state
 
 KEYS = ("exp_avg", "exp_avg_sq")
@@ -86,7 +87,13 @@ class OffloadedAdam:
         self.dp_group = dp_group
         self.max_grad_norm = max_grad_norm
         self.steps: dict[str, torch.Tensor] = {}  # fqn -> step count (float32 0-d, as torch keeps it)
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="memtrain-optimizer") if self.overlap else None
+        self._worker = None
+        if self.overlap:
+            device = units[0].fsdp_group.device if units else torch.device("cpu")
+            # The worker's CUDA calls (current_stream, staging) must use this rank's GPU, not device 0.
+            init = (torch.cuda.set_device, (device,)) if device.type == "cuda" else (None, ())
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="memtrain-optimizer", initializer=init[0],
+                                              initargs=init[1])
         self._pending: list[Future] = []
         self._stepped_in_backward: set[int] = set()
         self._sq_norms: dict[int, torch.Tensor] = {}
@@ -138,7 +145,11 @@ class OffloadedAdam:
         for i, unit in enumerate(self.units):
             sq += self._sq_norms[i] if i in self._sq_norms else self._unit_sq_norm(unit)
         if self.dp_group is not None:
-            dist.all_reduce(sq, group=self.dp_group)
+            # On the mesh's device, not the host: the group may have no CPU backend (NCCL only).
+            device = _collective_device(self.units)
+            reduced = sq.to(device)
+            dist.all_reduce(reduced, group=self.dp_group)
+            sq = reduced.cpu()
         self.last_grad_norm = math.sqrt(sq.item())
         # torch.nn.utils.clip_grad_norm_'s rule: scale by max_norm / (norm + 1e-6) when that is below 1.
         coef = self.max_grad_norm / (self.last_grad_norm + 1e-6)
@@ -243,6 +254,10 @@ class OffloadedAdam:
                 "or set offload.overlap_backward=false"
             )
         if unit.fsdp_group.device.type == "cuda":
+            # FSDP2 writes the sharded gradients on its reduce-scatter / all-reduce stream, which the current
+            # stream does not wait for until the end of backward: wait for that stream's last event of this group.
+            if unit.fsdp_group._post_reduce_event is not None:
+                unit.fsdp_group._post_reduce_event.synchronize()
             for fsdp_param in unit.fsdp_group.fsdp_params:
                 if fsdp_param.grad_offload_event is not None:
                     fsdp_param.grad_offload_event.synchronize()
@@ -275,7 +290,7 @@ class OffloadedAdam:
                 entry: dict[str, Any] = {"step": self.steps.setdefault(e.fqn, torch.zeros((), dtype=torch.float32))}
                 for key in KEYS:
                     local = views[key][e.start : e.start + e.numel].view(_local(e.param).shape)
-                    entry[key] = _like(e.param, local)
+                    entry[key] = dtensor_like(e.param, local)
                 state[e.fqn] = entry
         groups = []
         for i, group in enumerate(self.optimizer.param_groups):
@@ -307,11 +322,17 @@ def _segments(entries: list[Entry], start: int, numel: int) -> list[tuple[Entry,
     return out
 
 
-def _like(param: torch.Tensor, local: torch.Tensor) -> torch.Tensor:
-    if isinstance(param, DTensor):
-        return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
-                                  shape=param.shape, stride=param.stride())
-    return local
+def _collective_device(units: list[Unit]) -> torch.device:
+    """The device the data-parallel collectives run on: the parameters' mesh device (cuda even when the shards
+    themselves are offloaded to the host), or a plain parameter's own device."""
+    for unit in units:
+        if unit.fsdp_group is not None:
+            return unit.fsdp_group.device
+        for e in unit.entries:
+            if isinstance(e.param, DTensor):
+                return torch.device(e.param.device_mesh.device_type)
+            return e.param.device
+    return torch.device("cpu")
 
 
 def offload_state(optimizer: torch.optim.Optimizer) -> OffloadedAdam | None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
 
+from memtrain.offload.views import dtensor_like
 from memtrain.swap import HostBufferPool, SwapEngine, SwapHandle
 
 ALIGN = 4096
@@ -263,8 +264,6 @@ class ParamOffload:
     def state_views(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """Every shard as a DTensor over a shared mapping of the swap file (page cache, not heap): a checkpoint
         saves from it, or loads into it in place, and the next gather reads what was loaded."""
-        from torch.distributed.tensor import DTensor
-
         self.flush()
         if any(u.buffer is not None for u in self.units):
             raise RuntimeError("parameters are resident (mid-step); checkpoint between optimizer steps")
@@ -277,8 +276,7 @@ class ParamOffload:
                 local = param._local_tensor
                 start = unit.file_offset + at
                 data = whole[start : start + local.numel() * local.element_size()].view(local.dtype).view(local.shape)
-                views[names[id(param)]] = DTensor.from_local(data, param.device_mesh, param.placements,
-                                                             run_check=False, shape=param.shape, stride=param.stride())
+                views[names[id(param)]] = dtensor_like(param, data)
         return views
 
     def end_of_step(self) -> None:

@@ -15,7 +15,7 @@ import importlib
 import os
 import shutil
 import sys
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -110,6 +110,25 @@ def check_precision(precision_plugin: Any) -> None:
             "precision='16-mixed' (loss scaling) is not supported by MemTrainStrategy: the scaler's overflow check "
             "is per gradient shard, so ranks could disagree on skipping a step. Use precision='bf16-mixed'."
         )
+
+
+def materialize_device(offload_params: str, root_device: torch.device) -> torch.device:
+    """Where the shards of a model built on meta are allocated: offloaded shards start in host memory (FSDP2's
+    CPU offload refuses shards on the device; NVMe offload re-points host shards at the swap file)."""
+    return torch.device("cpu") if offload_params != "none" else root_device
+
+
+def materialize_sharded(module: torch.nn.Module, *, root_device: torch.device, offload_params: str,
+                        allocate: Callable[[torch.nn.Module, torch.device], None]) -> None:
+    """``allocate(module, device)`` (to_empty, then reset_parameters) a sharded model built on meta. Buffers are
+    not offloaded: they go where the forward runs, where fully_shard puts the buffers of a model not on meta."""
+    device = materialize_device(offload_params, root_device)
+    allocate(module, device)
+    if device != root_device:
+        for sub in module.modules():
+            for name, buf in sub._buffers.items():
+                if buf is not None:
+                    sub._buffers[name] = buf.to(root_device)
 
 
 @functools.cache
@@ -291,7 +310,9 @@ def strategy_class(namespace: str) -> type:
             materialize = None
             if on_meta and not replicated:
                 # After sharding, before parameter offload moves the shards to NVMe.
-                materialize = functools.partial(fabric_init._materialize_distributed_module, device=self.root_device)
+                materialize = functools.partial(materialize_sharded, root_device=self.root_device,
+                                                offload_params=self.memtrain_config.offload.params,
+                                                allocate=fabric_init._materialize_distributed_module)
             self.engine.prepare_model(self.model, materialize=materialize)
             if self.memtrain_config.offload.params == "none":  # offloaded shards stay where offload put them
                 self.model_to_device()
