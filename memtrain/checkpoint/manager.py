@@ -113,8 +113,11 @@ class CheckpointManager:
                            if config.redundancy == "replica" else None)
         self.parity = (ParityGroup(self.store, rank, world, ranks_per_node, config.parity_group_size)
                        if config.redundancy == "xor" else None)
-        self._snapshot_thread = ThreadPoolExecutor(1, thread_name_prefix="memtrain-snapshot")
-        self._flush_thread = ThreadPoolExecutor(1, thread_name_prefix="memtrain-flush") if config.dirpath else None
+        # The training device, for the background threads: a new thread starts on device 0, and on a multi-GPU node
+        # its CUDA calls (page-locking slots, events) would open a context there.
+        self._device = torch.cuda.current_device() if device_type == "cuda" else None
+        self._snapshot_thread = self._thread("memtrain-snapshot")
+        self._flush_thread = self._thread("memtrain-flush") if config.dirpath else None
         self._copy_stream = torch.cuda.Stream() if device_type == "cuda" else None
         self._pending: _Pending | None = None
         self._busy: dict[str, Future] = {}  # slot name -> its snapshot job
@@ -125,6 +128,12 @@ class CheckpointManager:
         self._received: Slot | None = None  # recovery: the own slot a peer's replica of this rank landed in
         self.files: SnapshotFiles | None = None  # set for state offloaded to NVMe: its snapshots go to files there
         self.stats = CheckpointStats()
+
+    def _thread(self, name: str) -> ThreadPoolExecutor:
+        if self._device is None:
+            return ThreadPoolExecutor(1, thread_name_prefix=name)
+        return ThreadPoolExecutor(1, thread_name_prefix=name, initializer=torch.cuda.set_device,
+                                  initargs=(self._device,))
 
     @classmethod
     def for_this_process(cls, config: CheckpointConfig, job: str, ranks_per_node: int,
@@ -312,7 +321,7 @@ class CheckpointManager:
         if self._last is None:
             raise RuntimeError("no snapshot to persist yet: call snapshot() after the optimizer step first")
         if self._flush_thread is None:
-            self._flush_thread = ThreadPoolExecutor(1, thread_name_prefix="memtrain-flush")
+            self._flush_thread = self._thread("memtrain-flush")
             self.flush_group = dist.new_group(backend="gloo") if dist.is_initialized() else None
         name, step, skeleton, layout = self._last
         slot = self.store.find(name)

@@ -94,6 +94,37 @@ class SlotStore:
         self.pin = pin  # page-lock segments so device-to-host copies run asynchronously
         self._local: dict[str, mmap.mmap] = {}
         self._open: dict[str, Slot] = {}
+        self._registered: set[tuple[int, int]] = set()  # (pointer, bytes) page-locked by us: unregistered once
+
+    @property
+    def _pinning(self) -> bool:
+        return self.pin and torch.cuda.is_available()
+
+    def _register(self, slot: Slot) -> None:
+        """Page-lock every slot we hand out (found ones too: a restored slot is reused for the next snapshots)."""
+        key = (slot.flat.data_ptr(), slot.size)
+        if not self._pinning or key in self._registered:
+            return
+        # Portable, as torch's own pin_memory: pinned for every device's context, not only the current one.
+        code = int(torch.cuda.cudart().cudaHostRegister(key[0], key[1], 1))
+        if code != 0:
+            raise RuntimeError(f"page-locking snapshot slot {slot.name} ({slot.size} bytes) failed with cudaError "
+                               f"{code} (it may be an earlier asynchronous error; CUDA_LAUNCH_BLOCKING=1 tells)")
+        self._registered.add(key)
+
+    def _release(self, slot: Slot) -> int:
+        """Unregister ``slot`` if we registered it (before its mapping can go); the cudaError, 0 on success."""
+        key = (slot.flat.data_ptr(), slot.size)
+        if key not in self._registered:
+            return 0  # never registered: unregistering would fail and leave an error for a later CUDA call
+        self._registered.discard(key)
+        return int(torch.cuda.cudart().cudaHostUnregister(key[0]))
+
+    def _release_all(self) -> None:
+        failed = [(slot.name, code) for slot in self._open.values() if (code := self._release(slot))]
+        self._open.clear()  # the mappings go with the last tensor that views them
+        if failed:
+            raise RuntimeError(f"unregistering page-locked snapshot slots failed (name, cudaError): {failed}")
 
     def ensure_keeper(self, rank: int) -> bool:
         """Reconnect (starting a new keeper) when ours died; True if it did. Its memory died with it: every slot
@@ -102,7 +133,7 @@ class SlotStore:
             return False
         self.keeper.reconnect()
         self.keeper.claim(rank)
-        self._open.clear()
+        self._release_all()
         return True
 
     def open(self, name: str, size: int) -> tuple[Slot, bool]:
@@ -110,14 +141,17 @@ class SlotStore:
         slot = self._open.get(name)
         if slot is not None and slot.size >= size:
             return slot, False
+        if slot is not None:  # too small: replaced by a bigger segment below
+            del self._open[name]
+            if code := self._release(slot):
+                raise RuntimeError(f"unregistering page-locked snapshot slot {name} failed with cudaError {code}")
         if self.keeper is not None:
             buffer, created = self.keeper.open(name, size)
         else:
             buffer, created = mmap.mmap(-1, size), True
             self._local[name] = buffer
         slot = Slot(name, buffer)
-        if self.pin and torch.cuda.is_available():
-            torch.cuda.cudart().cudaHostRegister(slot.flat.data_ptr(), slot.size, 0)
+        self._register(slot)
         self._open[name] = slot
         return slot, created
 
@@ -131,12 +165,13 @@ class SlotStore:
         if buffer is None:
             return None
         slot = Slot(name, buffer)
+        self._register(slot)
         self._open[name] = slot
         return slot
 
     def host_bytes(self) -> dict[str, int]:
         """Bytes of the slots this trainer has open, by tier (page-locked when registered for device copies)."""
-        tier = "host_pinned" if self.pin and torch.cuda.is_available() else "host"
+        tier = "host_pinned" if self._pinning else "host"
         return {tier: sum(slot.size for slot in self._open.values())}
 
     def committed(self, names: list[str]) -> dict[int, Slot]:
@@ -161,14 +196,13 @@ class SlotStore:
         return sorted(self.keeper.list(prefix))
 
     def close(self, drop_prefix: str | None = None) -> None:
-        for slot in self._open.values():
-            if self.pin and torch.cuda.is_available():
-                torch.cuda.cudart().cudaHostUnregister(slot.flat.data_ptr())
-        self._open.clear()  # the mappings go with the last tensor that views them
-        if self.keeper is not None:
-            if drop_prefix is not None:
-                self.keeper.drop(drop_prefix)
-            self.keeper.close()
+        try:
+            self._release_all()
+        finally:
+            if self.keeper is not None:
+                if drop_prefix is not None:
+                    self.keeper.drop(drop_prefix)
+                self.keeper.close()
 
 
 def keeper_store(socket: Path, idle_timeout: float, pin: bool) -> SlotStore:
