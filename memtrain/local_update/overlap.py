@@ -76,6 +76,11 @@ class BackgroundReduce:
         assert result is not None
         if self.cuda:
             torch.cuda.current_stream().wait_stream(self.stream)
+            # Allocated on the reduction stream, read and freed on the training stream. Unrecorded, its block goes
+            # back to the reduction stream's pool when freed, and the round launched at the same boundary (which
+            # waits only for an event recorded before the outer step) may take it while the outer step reads it.
+            if result.is_cuda:
+                result.record_stream(torch.cuda.current_stream())
         return result
 
     def close(self) -> None:
@@ -85,6 +90,8 @@ class BackgroundReduce:
             self._thread.join()
 
     def _run(self) -> None:
+        if self.cuda:  # a new thread starts on device 0: the reduction's allocations belong on the training device
+            torch.cuda.set_device(self.stream.device)
         while True:
             job = self._jobs.get()
             if job is None:

@@ -57,7 +57,7 @@ class LocalUpdate:
             if stats_group is None and self.shard_group is not None and config.staleness_penalty:
                 raise ValueError("the staleness penalty of a sharded outer state on a mesh with shard groups needs "
                                  "stats_group (every rank of the mesh)")
-            self.sharded = ShardedOuter(self.mean, self.flat.numel, stats_group or group)
+            self.sharded = ShardedOuter(self.mean, self.flat.numel, stats_group or group, self.flat.device)
             anchor, segments, sums = self.sharded.own(x), self.sharded.segments(segments), self.sharded.sum_over_owners
         self.outer = OuterOptimizer(
             anchor.to(outer_device, copy=True), segments, optimizer=config.outer_optimizer, lr=config.outer_lr,

@@ -19,8 +19,9 @@ from memtrain.local_update.compress import ReplicaMean
 
 
 class ShardedOuter:
-    def __init__(self, mean: ReplicaMean, numel: int, stats_group: dist.ProcessGroup) -> None:
-        self.mean, self.numel, self.stats_group = mean, numel, stats_group
+    def __init__(self, mean: ReplicaMean, numel: int, stats_group: dist.ProcessGroup, device: torch.device) -> None:
+        """``device``: the parameters' device, where the collectives run (NCCL takes no host tensors)."""
+        self.mean, self.numel, self.stats_group, self.device = mean, numel, stats_group, device
         self.replicas = mean.size
         self.rank = dist.get_rank(mean.group)
         align = mean.block if mean.compression == "int8" else 1
@@ -40,10 +41,11 @@ class ShardedOuter:
         return self._padded(full)[self.lo : self.lo + self.chunk].clone()
 
     def sum_over_owners(self, t: torch.Tensor) -> torch.Tensor:
-        """Per-tensor partial sums of every owner (and shard position) into whole-tensor sums."""
-        out = t.clone()
+        """Per-tensor partial sums of every owner (and shard position) into whole-tensor sums, on ``t``'s device
+        (the host with ``outer_state_device="cpu"``: reduced on the communication device and brought back)."""
+        out = t.to(self.device, copy=True)
         dist.all_reduce(out, group=self.stats_group)
-        return out
+        return out.to(t.device)
 
     @torch.no_grad()
     def mean_of_owned(self, g: torch.Tensor) -> torch.Tensor:
