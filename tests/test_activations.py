@@ -562,3 +562,78 @@ def test_lightning_strategy_shortcuts_train_like_no_policy() -> None:
         torch.testing.assert_close(got["split"]["losses"], want["losses"], rtol=1e-5, atol=0)
         for p in want["params"]:
             torch.testing.assert_close(got["split"]["params"][p], want["params"][p], rtol=1e-4, atol=1e-5)
+
+
+# -- the side-stream bookkeeping of the CUDA path, run here with CUDA's stream and event calls recorded ----------------
+class _Event:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.recorded = False
+        self.synchronized = 0
+
+    def record(self, stream: Any = None) -> None:
+        self.recorded = True
+
+    def synchronize(self) -> None:
+        assert self.recorded, "waited for an event that was never recorded"
+        self.synchronized += 1
+
+
+class _Stream:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.waited: list[_Event] = []
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def wait_event(self, event: _Event) -> None:
+        assert event.recorded, "the compute stream waits for an event that was never recorded"
+        self.waited.append(event)
+
+    def synchronize(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
+def test_side_stream_bookkeeping_of_the_cuda_path(tier: str, tmp_path, monkeypatch) -> None:
+    """The CUDA branches of ``packet.py`` (events bounding the copies out, sources held until their event, reloads
+    the compute stream waits for before use) run on this CPU machine with the stream and event calls recorded:
+    the copies themselves are synchronous here, so this checks the bookkeeping, not the overlap. Swap gives the
+    gradients of no policy bitwise, every reload is waited for once before use, nothing stays held."""
+    import contextlib
+
+    from memtrain.activations import manager as manager_module
+    from memtrain.activations import packet
+    from memtrain.swap import aligned_empty
+
+    compute = _Stream()
+    monkeypatch.setattr(torch.cuda, "Stream", _Stream)
+    monkeypatch.setattr(torch.cuda, "Event", _Event)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(packet, "aligned_empty", lambda nbytes, pin=False: aligned_empty(nbytes))
+    created: list[packet.Transfers] = []
+
+    class CudaTransfers(packet.Transfers):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.cuda, self.stream = True, _Stream()
+            created.append(self)
+
+    monkeypatch.setattr(manager_module, "Transfers", CudaTransfers)
+    reload_events: list[_Event] = []
+    load_slot = packet.Packet._load_slot
+
+    def recorded_load(self: packet.Packet, slot: packet.Slot) -> None:
+        load_slot(self, slot)
+        reload_events.append(slot.ready)
+
+    monkeypatch.setattr(packet.Packet, "_load_slot", recorded_load)
+    policy = {"policy": "swap", "tier": tier, "nvme_path": str(tmp_path), "keep_last_blocks": 0, "prefetch_blocks": 2}
+    want = _train(None, False)
+    got = _train(policy, False)
+    _assert_same(got, want, True, False)
+    (transfers,) = created
+    assert not transfers.in_flight and not transfers.pending_writes
+    # Every reload's event was recorded on the side stream and waited for by the compute stream before use.
+    assert reload_events and all(isinstance(e, _Event) and e.recorded for e in reload_events)
+    assert {id(e) for e in compute.waited} == {id(e) for e in reload_events}
