@@ -119,6 +119,8 @@ class Engine:
         if materialize is not None:
             materialize(model)
         apply_param_offload(model, self.config.offload, self.offload)
+        if self.activations is not None:  # its host arenas count against offload.host_memory_budget too
+            self.activations.charge_host = self.offload.charge
         return model
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,

@@ -637,3 +637,48 @@ def test_side_stream_bookkeeping_of_the_cuda_path(tier: str, tmp_path, monkeypat
     # Every reload's event was recorded on the side stream and waited for by the compute stream before use.
     assert reload_events and all(isinstance(e, _Event) and e.recorded for e in reload_events)
     assert {id(e) for e in compute.waited} == {id(e) for e in reload_events}
+
+
+# -- the host arenas count against offload.host_memory_budget ----------------------------------------------------------
+def _swap_under_host_budget(rank: int, world: int, budget: int) -> dict[str, Any]:
+    from memtrain import Engine
+
+    config = MemTrainConfig.from_dict({"sharding": {"stage": 3}, "offload": {"host_memory_budget": budget},
+                                       "activations": {"policy": "swap", "tier": "cpu"}})
+    engine = Engine.create(config, world, world, "cpu")
+    torch.manual_seed(0)
+    model = engine.prepare_model(GPT(CFG))
+    opt = engine.prepare_optimizer(make_optimizer(model), model)
+    before = {n: _full(p) for n, p in model.named_parameters()}
+    try:
+        _run_steps(model, opt, range(3))
+    except ConfigError as err:
+        unchanged = all(torch.equal(_full(p), before[n]) and p.grad is None for n, p in model.named_parameters())
+        return {"error": str(err), "unchanged": unchanged and not opt.state}
+    arenas = engine.activations.host_arena_bytes()
+    return {"error": None, "charged": engine.offload.host_bytes.get("activation host arenas"), "arenas": arenas}
+
+
+def test_host_arenas_count_against_the_host_memory_budget() -> None:
+    """Swapped to host memory, the activations' arenas are memtrain's host buffers too: a budget they exceed stops
+    the run at the end of the first forward (nothing updated), naming them and what to do; one they fit is
+    charged with what they hold."""
+    refused = run_distributed(_swap_under_host_budget, 1, 64 * 2**10)[0]
+    assert "offload.host_memory_budget=64.00 KiB is too small" in (refused["error"] or ""), refused
+    assert "activation host arenas" in refused["error"] and "use activations.tier='nvme'" in refused["error"]
+    assert refused["unchanged"]
+    fits = run_distributed(_swap_under_host_budget, 1, 2**30)[0]
+    assert fits["error"] is None and fits["charged"] == fits["arenas"] > 0, fits
+
+
+def test_auto_gives_back_the_arenas_of_blocks_it_stops_swapping() -> None:
+    """The profiled step swaps every block; blocks the plan keeps or recomputes free their host arenas."""
+    torch.manual_seed(0)
+    model = GPT(CFG)
+    manager = apply_activations(model, ActivationsConfig(policy="auto", memory_budget=10**9))  # plans keep x4
+    opt = make_optimizer(model)
+    _run_steps(model, opt, range(2))
+    profiled = manager.host_arena_bytes()
+    _run_steps(model, opt, range(2, 3))
+    assert [str(p) for p in manager.policies] == ["keep"] * CFG.n_layer
+    assert profiled > 0 and manager.host_arena_bytes() == 0

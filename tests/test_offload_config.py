@@ -110,7 +110,7 @@ def _budget_too_small(rank: int, world: int, tmp: str) -> str:
 
 def test_a_host_budget_below_the_buffers_is_refused_before_training(tmp_path: Path) -> None:
     (message,) = run_distributed(_budget_too_small, 1, str(tmp_path))
-    assert "offload.host_memory_budget=0.00 GiB is too small" in message and "parameter swap buffers" in message
+    assert "offload.host_memory_budget=4.00 KiB is too small" in message and "parameter swap buffers" in message
 
 
 def test_nvme_path_that_is_a_file_or_unwritable_is_refused(tmp_path: Path) -> None:

@@ -65,6 +65,20 @@ class ArenaPool:
     def release(self, arena: Arena) -> None:
         arena.busy = False
 
+    def drop(self, owner: Any) -> int:
+        """Free ``owner``'s idle arenas (a block that no longer swaps); returns the bytes freed. Pinned ones go back
+        from torch's pinned cache too, so the page-locked memory is really given up."""
+        idle = [a for a in self.arenas if a.owner == owner and not a.busy]
+        for arena in idle:
+            if arena.reading_done is not None:
+                arena.reading_done.synchronize()
+            self.arenas.remove(arena)
+        if idle and self.pin:
+            empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
+            if empty is not None:
+                empty()
+        return sum(a.capacity for a in idle)
+
     @property
     def total_bytes(self) -> int:
         return sum(a.capacity for a in self.arenas)

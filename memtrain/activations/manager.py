@@ -174,6 +174,10 @@ class ActivationManager:
             self.folder = SwapDirectory(nvme_path, f"{job}-activations")
         self.profile: Profile | None = None
         self.plan: Any = None  # planner.Plan once planned
+        # Counts host memory against offload.host_memory_budget (the Engine's OffloadResources.charge): the host
+        # arenas are charged at the end of each forward whose arenas changed; over the budget is a ConfigError.
+        self.charge_host: Any = None
+        self._charged = 0
         # auto, and split without a fraction, choose from a profiled step (every block swaps in it)
         self._profiling = any(p is None or (p.kind == "split" and p.fraction is None) for p in self.configured)
         self.policies = [BlockPolicy("swap") if self._profiling else p for p in self.configured]
@@ -239,6 +243,8 @@ class ActivationManager:
                 profile.forward_s += time.perf_counter() - start
                 if self._forwards == 1 and index == len(self.blocks) - 1:
                     self._check_budget()  # the warm-up forward has seen every block: before any backward or update
+            if index == len(self.blocks) - 1:
+                self._charge_host_arenas()  # the first forward's is before any backward or update
             if policy.kind in ("keep", "recompute") and self.transfers is not None and self.transfers.in_flight:
                 self.transfers.release_sources()  # the block before's copies overlapped this forward; done now
             return out
@@ -316,6 +322,10 @@ class ActivationManager:
         self.plan = plan(self.profile, self.config, self._device or torch.device("cpu"), self._bandwidth_probe(),
                          self.configured, self.pinned)
         self.set_policies(self.plan.policies)
+        if self.transfers is not None:  # the profile swapped every block: give back the arenas of those that stop
+            for i, policy in enumerate(self.policies):
+                if policy.kind in ("keep", "recompute"):
+                    self.transfers.pool.drop(("block", i))
         import torch.distributed as dist
 
         if not dist.is_initialized() or dist.get_rank() == 0:  # every rank has the same plan: print it once
@@ -397,11 +407,25 @@ class ActivationManager:
                     packet.prefetch()
                     break
 
+    def host_arena_bytes(self) -> int:
+        """Host memory the swapped activations' buffers hold: the pool's arenas, and the spare buffers of blocks
+        seen for the first time (or grown)."""
+        if self.transfers is None:
+            return 0
+        spares = sum(p.spare.numel() for packets in self.packets for p in packets if p.spare is not None)
+        return self.transfers.pool.total_bytes + spares
+
+    def _charge_host_arenas(self) -> None:
+        nbytes = self.host_arena_bytes()
+        if nbytes != self._charged and self.charge_host is not None:
+            self.charge_host("activation host arenas", nbytes, "use activations.tier='nvme', or swap fewer blocks "
+                                                               "(activations.keep_last_blocks, activations.blocks)")
+        self._charged = nbytes
+
     # -- telemetry ----------------------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.accounting.as_flat_dict())
-        pool = self.transfers.pool if self.transfers is not None else None
-        out["activations/host_arena_bytes"] = pool.total_bytes if pool is not None else 0
+        out["activations/host_arena_bytes"] = self.host_arena_bytes()
         # Bytes of blocks' activations swapped out and not yet reloaded, on the configured tier.
         out[f"activations/on_{self.config.tier}"] = sum(p.fill for packets in self.packets for p in packets
                                                         if p.state == "out")

@@ -23,7 +23,11 @@ from memtrain.swap import SwapDirectory, SwapEngine
 
 
 def _gib(n: int) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    """A size people read at a glance: GiB from 1 GiB up, else MiB, else KiB."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.2f} KiB"
 
 
 @dataclass
@@ -43,8 +47,9 @@ class OffloadResources:
         assert self.engine is not None
         return self.directory, self.engine
 
-    def charge(self, use: str, nbytes: int) -> None:
-        """Count host memory against ``offload.host_memory_budget``; refuse, before training, what exceeds it."""
+    def charge(self, use: str, nbytes: int, remedy: str | None = None) -> None:
+        """Count host memory against ``offload.host_memory_budget``; refuse, before training, what exceeds it
+        (the activations' host arenas: at the end of the first forward, before any update)."""
         budget = self.config.host_memory_budget
         if budget is not None:
             return_freed_memory_to_os()
@@ -53,8 +58,9 @@ class OffloadResources:
             held = ", ".join(f"{k} {_gib(v)}" for k, v in {**self.host_bytes, use: nbytes}.items())
             raise ConfigError(
                 f"offload.host_memory_budget={_gib(budget)} is too small: memtrain's host buffers and host-resident "
-                f"state need {_gib(total)} ({held}). Raise the budget, lower offload.tile_size / "
-                "offload.prefetch_blocks / offload.optimizer_cpu_fraction, or offload more to NVMe"
+                f"state need {_gib(total)} ({held}). Raise the budget, "
+                + (f"or {remedy}" if remedy else "lower offload.tile_size / offload.prefetch_blocks / "
+                   "offload.optimizer_cpu_fraction, or offload more to NVMe")
             )
         self.host_bytes[use] = nbytes
 
