@@ -111,10 +111,13 @@ class OffloadConfig:
         (the first blocks' tiles); the rest is on NVMe. "auto": as much as ``host_memory_budget`` leaves after
         the swap buffers.
     host_memory_budget: the most host memory memtrain's own offload buffers and host-resident state may
-        take (bytes or '8GiB'); None: no limit. Checked before training; never exceeded.
+        take (bytes or '8GiB'); None: no limit. Checked before training; never exceeded. The activations' host
+        arenas count too (checked at the end of the first forward, before any update).
     overlap_backward: step each block's tiles as soon as its gradient shard is reduced, during the rest of
         backward (Fuyou). With gradient clipping the update waits for the global norm.
     tile_size: bytes of each optimizer-state tensor moved per tile.
+    queue_depth, block_size, io_threads, io_backend: the run's swap engine (``memtrain.swap``), which the
+        activations' NVMe tier uses too.
     """
 
     optimizer: str = "none"

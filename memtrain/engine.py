@@ -119,8 +119,9 @@ class Engine:
         if materialize is not None:
             materialize(model)
         apply_param_offload(model, self.config.offload, self.offload)
-        if self.activations is not None:  # its host arenas count against offload.host_memory_budget too
-            self.activations.charge_host = self.offload.charge
+        if self.activations is not None:  # its host arenas count against offload.host_memory_budget too, and
+            self.activations.charge_host = self.offload.charge  # its NVMe tier uses the run's one swap engine
+            self.activations.io_engine = self.offload.io_engine
         return model
 
     def prepare_optimizer(self, optimizer: torch.optim.Optimizer, model: nn.Module,

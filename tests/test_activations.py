@@ -682,3 +682,24 @@ def test_auto_gives_back_the_arenas_of_blocks_it_stops_swapping() -> None:
     _run_steps(model, opt, range(2, 3))
     assert [str(p) for p in manager.policies] == ["keep"] * CFG.n_layer
     assert profiled > 0 and manager.host_arena_bytes() == 0
+
+
+def _nvme_swap_through_the_engine(rank: int, world: int, nvme: str) -> dict[str, Any]:
+    from memtrain import Engine
+
+    config = MemTrainConfig.from_dict({"sharding": {"stage": 3}, "offload": {"io_backend": "threads", "io_threads": 2},
+                                       "activations": {"policy": "swap", "tier": "nvme", "nvme_path": nvme}})
+    engine = Engine.create(config, world, world, "cpu")
+    torch.manual_seed(0)
+    model = engine.prepare_model(GPT(CFG))
+    opt = engine.prepare_optimizer(make_optimizer(model), model)
+    _run_steps(model, opt, range(2))
+    used = engine.activations.transfers.engine
+    return {"shared": used is engine.offload.engine, "backend": used.backend}
+
+
+def test_nvme_tier_uses_the_runs_swap_engine_and_its_io_settings(tmp_path) -> None:
+    """Through the Engine, the activations' NVMe tier uses the run's one swap engine, with offload.io_backend and
+    the other I/O settings (not an engine of its own with the defaults)."""
+    got = run_distributed(_nvme_swap_through_the_engine, 1, str(tmp_path))[0]
+    assert got == {"shared": True, "backend": "threads"}, got

@@ -178,6 +178,9 @@ class ActivationManager:
         # arenas are charged at the end of each forward whose arenas changed; over the budget is a ConfigError.
         self.charge_host: Any = None
         self._charged = 0
+        # Makes the NVMe tier's swap engine; the Engine hands over the run's own (OffloadResources.io_engine).
+        self.io_engine: Any = None
+        self._engine: Any = None
         # auto, and split without a fraction, choose from a profiled step (every block swaps in it)
         self._profiling = any(p is None or (p.kind == "split" and p.fraction is None) for p in self.configured)
         self.policies = [BlockPolicy("swap") if self._profiling else p for p in self.configured]
@@ -361,19 +364,29 @@ class ActivationManager:
         from memtrain.activations.planner import measure_bandwidth
 
         def probe(nbytes: int) -> tuple[float, float]:
-            return measure_bandwidth(self.config.tier, self._device or torch.device("cpu"), nbytes, self.folder)
+            engine = self._swap_engine() if self.config.tier == "nvme" else None
+            return measure_bandwidth(self.config.tier, self._device or torch.device("cpu"), nbytes, self.folder,
+                                     engine)
 
         return probe
 
     # -- swapping -----------------------------------------------------------------------------------------
+    def _swap_engine(self) -> Any:
+        """One engine for the packets and the bandwidth probe: the run's (``io_engine``), else, applied alone, one
+        with the default settings."""
+        if self._engine is None:
+            if self.io_engine is not None:
+                self._engine = self.io_engine()
+            else:
+                from memtrain.swap import SwapEngine
+
+                self._engine = SwapEngine()
+        return self._engine
+
     def _new_packet(self, index: int) -> Packet:
         if self.transfers is None:
             device = self._device or torch.device("cpu")
-            engine = None
-            if self.config.tier == "nvme":
-                from memtrain.swap import SwapEngine
-
-                engine = SwapEngine()
+            engine = self._swap_engine() if self.config.tier == "nvme" else None
             self.transfers = Transfers(self.config.tier, device, self.accounting, ArenaPool(pin=device.type == "cuda"),
                                        engine, self.folder)
         used = {int(p.file.stem.rsplit("-", 1)[1]) for p in self.packets[index] if p.file is not None}

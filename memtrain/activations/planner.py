@@ -281,8 +281,10 @@ def make_plan(profile: Profile, config: ActivationsConfig, device: torch.device,
     return _plan(chosen, profile, budget, peak, bw, pinned)
 
 
-def measure_bandwidth(tier: str, device: torch.device, nbytes: int, folder: Any = None) -> tuple[float, float]:
-    """Bytes/s out of and back into ``device`` through ``tier`` (best of 3 on a buffer of ~``nbytes``)."""
+def measure_bandwidth(tier: str, device: torch.device, nbytes: int, folder: Any = None,
+                      engine: Any = None) -> tuple[float, float]:
+    """Bytes/s out of and back into ``device`` through ``tier`` (best of 3 on a buffer of ~``nbytes``; the NVMe
+    tier through ``engine``, the swap engine the activations use)."""
     from memtrain.swap import aligned_empty
 
     n = max(1 << 20, min(int(nbytes), 64 << 20)) // 4096 * 4096
@@ -305,9 +307,10 @@ def measure_bandwidth(tier: str, device: torch.device, nbytes: int, folder: Any 
     out_s = best(lambda: host.copy_(src, non_blocking=cuda))
     in_s = best(lambda: src.copy_(host, non_blocking=cuda))
     if tier == "nvme":
-        from memtrain.swap import SwapEngine
+        if engine is None:
+            from memtrain.swap import SwapEngine
 
-        engine = SwapEngine()
+            engine = SwapEngine()
         path = folder.file("bandwidth-probe.bin") if folder is not None else os.path.join(tempfile.gettempdir(),
                                                                                          f"memtrain-probe-{os.getpid()}")
         try:

@@ -42,10 +42,15 @@ class OffloadResources:
         if self.directory is None:
             assert self.config.nvme_path is not None
             self.directory = SwapDirectory(self.config.nvme_path, self.job, required_bytes)
+        return self.directory, self.io_engine()
+
+    def io_engine(self) -> SwapEngine:
+        """The run's one swap engine, with the offload section's I/O settings (the activations' NVMe tier uses it
+        too: one I/O queue per process, one io_backend choice)."""
+        if self.engine is None:
             self.engine = SwapEngine(self.config.queue_depth, self.config.block_size, self.config.io_threads,
                                      self.config.io_backend)
-        assert self.engine is not None
-        return self.directory, self.engine
+        return self.engine
 
     def charge(self, use: str, nbytes: int, remedy: str | None = None) -> None:
         """Count host memory against ``offload.host_memory_budget``; refuse, before training, what exceeds it

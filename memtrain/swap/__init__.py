@@ -1,7 +1,9 @@
 """The swap pipeline's Python face: asynchronous tensor <-> file I/O (``memtrain._C``) and reused host buffers.
 
-One engine serves offload (parameters, optimizer tiles), activations and the checkpoint flush; it owns the
-host buffer pool and the I/O queue, so the host budget stays one number.
+A run made by ``memtrain.Engine`` has one engine (``OffloadResources.io_engine``, with the offload section's I/O
+settings): offloaded parameters, optimizer tiles and the activations' NVMe tier share its I/O queue. Host
+buffers (``HostBufferPool`` for offload, the activations' arenas) all count against one host budget,
+``offload.host_memory_budget``.
 """
 from memtrain.swap.buffers import HostBufferPool, aligned_empty
 from memtrain.swap.engine import SwapEngine, SwapHandle
