@@ -40,7 +40,9 @@ import torch
 from memtrain.activations.manager import BlockPolicy, BlockProfile, Profile
 from memtrain.config import ActivationsConfig, ConfigError
 
-SPLIT_FRACTIONS = (0.25, 0.5, 0.75)
+# The split fractions the planner weighs, in eighths: the same set for the early budget check (bytes only) and the
+# plan (bytes and time), so the smallest budget the check names is the smallest the planner reaches.
+SPLIT_FRACTIONS = tuple(i / 8 for i in range(1, 8))
 
 
 @dataclass(frozen=True)
@@ -106,13 +108,9 @@ def block_options(profiles: list[BlockProfile], j: int, bw: tuple[float, float],
     ]
     if p.token_saved_bytes > 0:
         Ts, P = p.token_saved_bytes, p.token_input_bytes
-        fractions = set(SPLIT_FRACTIONS) if fixed_fraction is None else {fixed_fraction}
-        if overlap and fixed_fraction is None:  # MEMO: the most tokens whose copies still hide behind compute
-            hidden = min(bw[0] * window_out, bw[1] * window_in) - (S - Ts)
-            hide = hidden / Ts
-            if 0.0 < hide < 1.0:
-                fractions.add(round(hide, 3))
-        for a in sorted(fractions):
+        # MEMO's fraction, the most tokens whose copies still hide behind compute, is the grid's least extra time.
+        fractions = SPLIT_FRACTIONS if fixed_fraction is None else (fixed_fraction,)
+        for a in fractions:
             # The recomputed chunk's inputs are saved by the checkpoint inside the block's swap hooks: moved too.
             moved = (S - Ts) + a * Ts + (1 - a) * P
             kept = K
