@@ -703,3 +703,41 @@ def test_nvme_tier_uses_the_runs_swap_engine_and_its_io_settings(tmp_path) -> No
     the other I/O settings (not an engine of its own with the defaults)."""
     got = run_distributed(_nvme_swap_through_the_engine, 1, str(tmp_path))[0]
     assert got == {"shared": True, "backend": "threads"}, got
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda-overlap"])
+def test_every_budget_the_early_check_accepts_gets_a_plan(cuda: bool) -> None:
+    """On random profiles (and with some blocks set by the user): the early check's smallest reachable budget is
+    at most every uniform plan's peak, and the planner, weighing bytes and time, finds a plan within it."""
+    import random
+
+    from memtrain.activations import planner
+    from memtrain.activations.manager import BlockProfile, Profile
+
+    rng = random.Random(0)
+    device = torch.device("cuda" if cuda else "cpu")
+    for _ in range(30):
+        n = rng.choice([2, 3, 5, 8])
+        blocks = []
+        for _ in range(n):
+            saved = rng.randint(1 << 20, 8 << 20)
+            token = rng.choice([0, int(saved * rng.uniform(0.3, 0.8))])
+            blocks.append(BlockProfile(forward_s=rng.uniform(1e-3, 1e-2), token_forward_s=2e-3, saved_bytes=saved,
+                                       small_bytes=rng.randint(0, 1 << 14), token_saved_bytes=token,
+                                       token_input_bytes=rng.randint(1 << 16, 1 << 19) if token else 0,
+                                       input_bytes=rng.randint(1 << 16, 1 << 20), input_saved_bytes=1 << 16,
+                                       token_rerun_bytes=int(token * 0.4)))
+        profile = Profile(blocks)
+        configured: list[BlockPolicy | None] = [None] * n
+        if rng.random() < 0.3:
+            configured[rng.randrange(n)] = BlockPolicy(rng.choice(["keep", "recompute", "swap"]))
+        smallest, _ = planner._smallest(planner._peak_choices(profile, configured), 1, cuda)
+        for kind in ("swap", "recompute"):
+            uniform = [BlockPolicy(kind) if c is None else c for c in configured]
+            assert smallest <= planner.predict_peak(profile, uniform, 1, cuda)
+        budget = int(smallest) + 1
+        config = ActivationsConfig(policy="auto", memory_budget=budget)
+        planner.check_budget(profile, config, device, configured)  # accepted ...
+        plan = planner.make_plan(profile, config, device, lambda nbytes: (5e9, 5e9), configured)  # ... and planned
+        assert plan.predicted_peak <= budget
+        assert all(c is None or p == c for p, c in zip(plan.policies, configured))

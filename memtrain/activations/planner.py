@@ -43,6 +43,7 @@ from memtrain.config import ActivationsConfig, ConfigError
 # The split fractions the planner weighs, in eighths: the same set for the early budget check (bytes only) and the
 # plan (bytes and time), so the smallest budget the check names is the smallest the planner reaches.
 SPLIT_FRACTIONS = tuple(i / 8 for i in range(1, 8))
+GREEDY_BLOCKS = 32  # up to this many blocks, the search for the least peak also runs the greedy (cubic cost)
 
 
 @dataclass(frozen=True)
@@ -136,21 +137,25 @@ def configured_options(profiles: list[BlockProfile], j: int, bw: tuple[float, fl
 
 def simulate_peak(options: list[Option], prefetch_blocks: int, overlap: bool = False) -> float:
     """The most bytes held at once, in the order the accounting holds and releases them. ``overlap`` (CUDA): a
-    block's device-to-host copies run during the next block's forward, so its sources are held until then."""
-    held, peak = 0.0, 0.0
-    for j, o in enumerate(options):
-        in_flight = options[j - 1].reload if overlap and j > 0 else 0.0
+    block's device-to-host copies run during the next block's forward, so its sources are held until then.
+    One pass each way (the searches call it for every trial)."""
+    held, peak, in_flight = 0.0, 0.0, 0.0
+    for o in options:
         peak = max(peak, held + o.working + in_flight)
         held += o.resident
-    peak = max(peak, held + (options[-1].reload if overlap and options else 0.0))
-    loaded: dict[int, float] = {}
-    for j in range(len(options) - 1, -1, -1):
-        loaded.setdefault(j, options[j].reload)
-        for i in range(j - 1, max(-1, j - 1 - prefetch_blocks), -1):
-            loaded.setdefault(i, options[i].reload)
-        peak = max(peak, held + sum(loaded.values()) + options[j].rerun)
-        held -= options[j].resident
-        loaded.pop(j, None)
+        in_flight = o.reload if overlap else 0.0
+    peak = max(peak, held + in_flight)
+    # Backward at block j: what is still kept (blocks 0..j), block j's reload and the prefetch of the
+    # ``prefetch_blocks`` below it, and block j's rerun.
+    n = len(options)
+    window = sum(o.reload for o in options[max(0, n - 1 - prefetch_blocks):])
+    for j in range(n - 1, -1, -1):
+        o = options[j]
+        peak = max(peak, held + window + o.rerun)
+        held -= o.resident
+        window -= o.reload
+        if j - 1 - prefetch_blocks >= 0:
+            window += options[j - 1 - prefetch_blocks].reload
     return peak
 
 
@@ -196,13 +201,38 @@ def _of_kind(options: list[Option], kind: str) -> Option:
     return next((o for o in options if o.policy.kind == kind), options[0])
 
 
+def _of_fraction(options: list[Option], fraction: float) -> Option:
+    return next((o for o in options if o.policy.kind == "split" and o.policy.fraction == fraction),
+                _of_kind(options, "swap"))
+
+
+def _descend(choices: list[list[Option]], start: list[Option], prefetch: int, overlap: bool) -> list[Option]:
+    """From ``start``, move one block at a time to its option of least peak, until no move lowers the peak."""
+    current = list(start)
+    peak = simulate_peak(current, prefetch, overlap)
+    improved = True
+    while improved:
+        improved = False
+        for j, opts in enumerate(choices):
+            for o in opts:
+                trial = current[:j] + [o] + current[j + 1 :]
+                trial_peak = simulate_peak(trial, prefetch, overlap)
+                if trial_peak < peak:
+                    current, peak, improved = trial, trial_peak, True
+    return current
+
+
 def _smallest(choices: list[list[Option]], prefetch: int, overlap: bool) -> tuple[float, list[Option]]:
-    """The least peak the planner can reach, and the plan that reaches it (searched by peak alone)."""
-    candidates = [
-        _search(choices, 0, prefetch, False, overlap),
-        [_of_kind(c, "swap") for c in choices],  # swap everything (that the configuration leaves to the planner)
-        [_of_kind(c, "recompute") for c in choices],  # recompute everything
-    ]
+    """The least peak the planner can reach, and the plan that reaches it (searched by peak alone): the uniform
+    plans (every block kept, swapped, recomputed, split at one fraction), descents from the best of them and from
+    keeping everything, and (up to ``GREEDY_BLOCKS`` blocks) the greedy from keeping everything."""
+    uniform = [[_of_kind(c, kind) for c in choices] for kind in ("keep", "swap", "recompute")]
+    uniform += [[_of_fraction(c, a) for c in choices] for a in SPLIT_FRACTIONS]
+    best_uniform = min(uniform, key=lambda c: simulate_peak(c, prefetch, overlap))
+    candidates = [*uniform, _descend(choices, best_uniform, prefetch, overlap),
+                  _descend(choices, uniform[0], prefetch, overlap)]
+    if len(choices) <= GREEDY_BLOCKS:  # its cost grows with the cube of the blocks; it rarely beats the descents
+        candidates.append(_search(choices, 0, prefetch, False, overlap))
     return min(((simulate_peak(c, prefetch, overlap), c) for c in candidates), key=lambda pc: pc[0])
 
 
