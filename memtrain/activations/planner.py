@@ -297,15 +297,11 @@ def make_plan(profile: Profile, config: ActivationsConfig, device: torch.device,
     budget = int(config.memory_budget or 0)
     chosen = _search(choices, budget, config.prefetch_blocks, True, overlap)
     peak = simulate_peak(chosen, config.prefetch_blocks, overlap)
-    if peak > budget:  # the time-driven search missed: the plans of least peak (what check_budget found too)
-        fixed = _smallest(_peak_choices(profile, configured), config.prefetch_blocks, overlap)[1]
-        candidates = [_smallest(choices, config.prefetch_blocks, overlap)[1],
-                      [next(o for o in choices[j] if o.policy == f.policy) for j, f in enumerate(fixed)]]
-        peaks = [simulate_peak(c, config.prefetch_blocks, overlap) for c in candidates]
-        fitting = [(sum(o.extra_s for o in c), p, c) for p, c in zip(peaks, candidates) if p <= budget]
-        if not fitting:
-            raise UnreachableBudget(budget, min(peaks), bool(pinned))
-        _, peak, chosen = min(fitting, key=lambda t: t[:2])
+    if peak > budget:  # the time-driven search missed: the plan of least peak, the one check_budget found (the
+        # options' bytes, and so the search by peak, are the same as there; only their times differ)
+        peak, chosen = _smallest(choices, config.prefetch_blocks, overlap)
+        if peak > budget:
+            raise UnreachableBudget(budget, peak, bool(pinned))
     return _plan(chosen, profile, budget, peak, bw, pinned)
 
 
