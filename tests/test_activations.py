@@ -741,3 +741,24 @@ def test_every_budget_the_early_check_accepts_gets_a_plan(cuda: bool) -> None:
         plan = planner.make_plan(profile, config, device, lambda nbytes: (5e9, 5e9), configured)  # ... and planned
         assert plan.predicted_peak <= budget
         assert all(c is None or p == c for p, c in zip(plan.policies, configured))
+
+
+def test_incremental_peak_equals_the_simulation() -> None:
+    """The searches price a one-block change incrementally (``_Peaks.with_option``): on random plans, every prefetch
+    depth, with and without overlap, it equals simulating the changed plan."""
+    import random
+
+    from memtrain.activations.planner import Option, _Peaks, simulate_peak
+
+    rng = random.Random(0)
+
+    def option() -> Option:
+        return Option(BlockPolicy("keep"), *(rng.randint(0, 10**6) for _ in range(3)), 0.0, rng.randint(0, 10**6))
+
+    for _ in range(3000):
+        plan = [option() for _ in range(rng.randint(1, 9))]
+        prefetch, overlap = rng.randint(0, 3), rng.random() < 0.5
+        peaks = _Peaks(plan, prefetch, overlap)
+        assert peaks.peak == simulate_peak(plan, prefetch, overlap)
+        m, changed = rng.randrange(len(plan)), option()
+        assert peaks.with_option(m, changed) == simulate_peak(plan[:m] + [changed] + plan[m + 1 :], prefetch, overlap)

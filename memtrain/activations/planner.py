@@ -43,7 +43,6 @@ from memtrain.config import ActivationsConfig, ConfigError
 # The split fractions the planner weighs, in eighths: the same set for the early budget check (bytes only) and the
 # plan (bytes and time), so the smallest budget the check names is the smallest the planner reaches.
 SPLIT_FRACTIONS = tuple(i / 8 for i in range(1, 8))
-GREEDY_BLOCKS = 32  # up to this many blocks, the search for the least peak also runs the greedy (cubic cost)
 
 
 @dataclass(frozen=True)
@@ -159,30 +158,78 @@ def simulate_peak(options: list[Option], prefetch_blocks: int, overlap: bool = F
     return peak
 
 
+class _Peaks:
+    """``simulate_peak`` of a plan, and of the plan with one block's option changed in O(prefetch) instead of O(n):
+    the searches try every block's every option per move. A change at block m shifts every later event by the
+    change in m's resident bytes, and the backward events of m .. m+prefetch by the change in its reload."""
+
+    def __init__(self, options: list[Option], prefetch: int, overlap: bool) -> None:
+        self.options, self.prefetch, self.overlap = options, prefetch, overlap
+        n = len(options)
+        self.held = [0.0] * (n + 1)  # held[j]: resident bytes of blocks 0 .. j-1
+        for j, o in enumerate(options):
+            self.held[j + 1] = self.held[j] + o.resident
+        self.forward = [self.held[j] + o.working + self._in_flight(j - 1) for j, o in enumerate(options)]
+        self.end = self.held[n] + self._in_flight(n - 1)
+        window, self.backward = 0.0, [0.0] * n
+        for j in range(n):  # window over blocks max(0, j - prefetch) .. j
+            window += options[j].reload - (options[j - 1 - prefetch].reload if j - 1 - prefetch >= 0 else 0.0)
+            self.backward[j] = self.held[j + 1] + window + options[j].rerun
+        self.window = [self.backward[j] - self.held[j + 1] - options[j].rerun for j in range(n)]
+        self.prefix_f, self.prefix_b = _running_max(self.forward), _running_max(self.backward)
+        self.suffix_f = _running_max(self.forward[::-1])[::-1] + [float("-inf")]
+        self.suffix_b = _running_max(self.backward[::-1])[::-1] + [float("-inf")]
+        self.peak = max([0.0, self.end, *self.forward, *self.backward])
+
+    def _in_flight(self, j: int) -> float:
+        return self.options[j].reload if self.overlap and j >= 0 else 0.0
+
+    def with_option(self, m: int, o: Option) -> float:
+        old, n, p = self.options[m], len(self.options), self.prefetch
+        d_res, d_rel = o.resident - old.resident, o.reload - old.reload
+        peak = max(0.0, self.prefix_f[m - 1] if m else 0.0, self.prefix_b[m - 1] if m else 0.0,
+                   self.held[m] + o.working + self._in_flight(m - 1),
+                   self.end + d_res + (d_rel if self.overlap and m == n - 1 else 0.0),
+                   self.held[m + 1] + d_res + self.window[m] + d_rel + o.rerun,
+                   self.suffix_b[m + p + 1] + d_res if m + p + 1 < n else 0.0)
+        if m + 1 < n:
+            peak = max(peak, self.held[m + 1] + d_res + self.options[m + 1].working + (o.reload if self.overlap else 0.0),
+                       self.suffix_f[m + 2] + d_res)
+        for j in range(m + 1, min(n, m + p + 1)):
+            peak = max(peak, self.backward[j] + d_res + d_rel)
+        return peak
+
+
+def _running_max(values: list[float]) -> list[float]:
+    out, best = [], float("-inf")
+    for v in values:
+        best = max(best, v)
+        out.append(best)
+    return out
+
+
 def _search(choices: list[list[Option]], budget: float, prefetch: int, time_matters: bool, overlap: bool
             ) -> list[Option]:
     current = [c[0] for c in choices]  # keep everything
-    peak = simulate_peak(current, prefetch, overlap)
-    while peak > budget:
-        best, best_score, best_peak = None, 0.0, peak
+    peaks = _Peaks(current, prefetch, overlap)
+    while peaks.peak > budget:
+        best, best_score = None, 0.0
         for j, opts in enumerate(choices):
             for o in opts:
                 if o is current[j]:
                     continue
-                trial = current[:j] + [o] + current[j + 1 :]
-                new_peak = simulate_peak(trial, prefetch, overlap)
-                gain = peak - new_peak
+                gain = peaks.peak - peaks.with_option(j, o)
                 if gain <= 0:
                     continue
                 cost = o.extra_s - current[j].extra_s
                 score = gain / max(cost, 1e-12) if time_matters else gain
                 if score > best_score:
-                    best, best_score, best_peak = (j, o), score, new_peak
+                    best, best_score = (j, o), score
         if best is None:
             break
         current[best[0]] = best[1]
-        peak = best_peak
-    if time_matters and peak <= budget:  # the greedy can overshoot: undo what the budget does not need
+        peaks = _Peaks(current, prefetch, overlap)
+    if time_matters and peaks.peak <= budget:  # the greedy can overshoot: undo what the budget does not need
         improved = True
         while improved:
             improved = False
@@ -190,9 +237,9 @@ def _search(choices: list[list[Option]], budget: float, prefetch: int, time_matt
                 for o in sorted(opts, key=lambda o: o.extra_s):
                     if o.extra_s >= current[j].extra_s:
                         break
-                    trial = current[:j] + [o] + current[j + 1 :]
-                    if simulate_peak(trial, prefetch, overlap) <= budget:
-                        current, improved = trial, True
+                    if peaks.with_option(j, o) <= budget:
+                        current[j], improved = o, True
+                        peaks = _Peaks(current, prefetch, overlap)
                         break
     return current
 
@@ -209,30 +256,27 @@ def _of_fraction(options: list[Option], fraction: float) -> Option:
 def _descend(choices: list[list[Option]], start: list[Option], prefetch: int, overlap: bool) -> list[Option]:
     """From ``start``, move one block at a time to its option of least peak, until no move lowers the peak."""
     current = list(start)
-    peak = simulate_peak(current, prefetch, overlap)
+    peaks = _Peaks(current, prefetch, overlap)
     improved = True
     while improved:
         improved = False
         for j, opts in enumerate(choices):
             for o in opts:
-                trial = current[:j] + [o] + current[j + 1 :]
-                trial_peak = simulate_peak(trial, prefetch, overlap)
-                if trial_peak < peak:
-                    current, peak, improved = trial, trial_peak, True
+                if peaks.with_option(j, o) < peaks.peak:
+                    current[j], improved = o, True
+                    peaks = _Peaks(current, prefetch, overlap)
     return current
 
 
 def _smallest(choices: list[list[Option]], prefetch: int, overlap: bool) -> tuple[float, list[Option]]:
     """The least peak the planner can reach, and the plan that reaches it (searched by peak alone): the uniform
     plans (every block kept, swapped, recomputed, split at one fraction), descents from the best of them and from
-    keeping everything, and (up to ``GREEDY_BLOCKS`` blocks) the greedy from keeping everything."""
+    keeping everything, and the greedy from keeping everything."""
     uniform = [[_of_kind(c, kind) for c in choices] for kind in ("keep", "swap", "recompute")]
     uniform += [[_of_fraction(c, a) for c in choices] for a in SPLIT_FRACTIONS]
     best_uniform = min(uniform, key=lambda c: simulate_peak(c, prefetch, overlap))
     candidates = [*uniform, _descend(choices, best_uniform, prefetch, overlap),
-                  _descend(choices, uniform[0], prefetch, overlap)]
-    if len(choices) <= GREEDY_BLOCKS:  # its cost grows with the cube of the blocks; it rarely beats the descents
-        candidates.append(_search(choices, 0, prefetch, False, overlap))
+                  _descend(choices, uniform[0], prefetch, overlap), _search(choices, 0, prefetch, False, overlap)]
     return min(((simulate_peak(c, prefetch, overlap), c) for c in candidates), key=lambda pc: pc[0])
 
 
