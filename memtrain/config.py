@@ -48,6 +48,14 @@ def parse_bytes(key: str, value: Any) -> int:
     raise _err(key, value, "use a byte count such as 8589934592 or a size such as '512MiB', '8GiB', '1.5GB'")
 
 
+def format_bytes(n: float) -> str:
+    """A size people read at a glance: '1.50 GiB', '12.00 MiB', '4.00 KiB', '512 B'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
 @dataclass(frozen=True)
 class ShardingConfig:
     """ZeRO-style sharding on FSDP2.

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from memtrain.swap import aligned_empty
-from memtrain.swap.buffers import ALIGN
+from memtrain.swap.buffers import ALIGN, pinned_footprint
 
 
 def round_up(n: int, to: int = ALIGN) -> int:
@@ -44,8 +44,8 @@ class ArenaPool:
 
     def acquire(self, nbytes: int, owner: Any) -> Arena:
         nbytes = max(round_up(nbytes), ALIGN)
-        if self.pin:  # torch's pinned allocator locks a power of two anyway: use it all, and count what is locked
-            nbytes = 1 << (nbytes - 1).bit_length()
+        if self.pin:  # the pinned allocator locks a power of two anyway: use it all, and count what is locked
+            nbytes = pinned_footprint(nbytes)
         free = [a for a in self.arenas if not a.busy and a.capacity >= nbytes]
         mine = [a for a in free if a.owner == owner]
         pick = (mine or free or [None])[0]
@@ -65,9 +65,9 @@ class ArenaPool:
     def release(self, arena: Arena) -> None:
         arena.busy = False
 
-    def drop(self, owner: Any) -> int:
-        """Free ``owner``'s idle arenas (a block that no longer swaps); returns the bytes freed. Pinned ones go back
-        from torch's pinned cache too, so the page-locked memory is really given up."""
+    def drop(self, owner: Any) -> None:
+        """Free ``owner``'s idle arenas (a block that no longer swaps). Pinned ones go back from torch's pinned
+        cache too, so the page-locked memory is really given up."""
         idle = [a for a in self.arenas if a.owner == owner and not a.busy]
         for arena in idle:
             if arena.reading_done is not None:
@@ -77,7 +77,6 @@ class ArenaPool:
             empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None)
             if empty is not None:
                 empty()
-        return sum(a.capacity for a in idle)
 
     @property
     def total_bytes(self) -> int:

@@ -100,7 +100,8 @@ class _Scope:
         if is_parameter_like(t) or t.layout != torch.strided or type(t) is not torch.Tensor:
             return t
         nbytes = storage_bytes(t)
-        if self.packet is None or nbytes < self.m.config.min_bytes or t.device != self.m.device_of(t):
+        # Kept: small tensors, and those off the compute device (a CPU scalar of a CUDA model).
+        if self.packet is None or nbytes < self.m.config.min_bytes or t.device != self.m._device:
             if self.profile is not None:
                 self.profile.small_bytes += nbytes
                 if storage_key(t) in self.input_keys:
@@ -215,12 +216,6 @@ class ActivationManager:
         if len(policies) != len(self.blocks) or any(p.kind not in KINDS for p in policies):
             raise ValueError(f"one policy per block ({len(self.blocks)}), each one of {KINDS}")
         self.policies = list(policies)
-
-    def device_of(self, t: torch.Tensor) -> torch.device:
-        """The compute device (a saved tensor elsewhere, such as a CPU scalar of a CUDA model, is kept)."""
-        if self._device is None:
-            self._device = t.device
-        return self._device
 
     # -- wrapping -----------------------------------------------------------------------------------------
     def _wrap_block(self, index: int, block: nn.Module) -> None:

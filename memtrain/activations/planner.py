@@ -38,7 +38,7 @@ from typing import Any, Callable
 import torch
 
 from memtrain.activations.manager import BlockPolicy, BlockProfile, Profile
-from memtrain.config import ActivationsConfig, ConfigError
+from memtrain.config import ActivationsConfig, ConfigError, format_bytes
 
 # The split fractions the planner weighs, in eighths: the same set for the early budget check (bytes only) and the
 # plan (bytes and time), so the smallest budget the check names is the smallest the planner reaches.
@@ -287,13 +287,6 @@ def _peak_choices(profile: Profile, configured: list[BlockPolicy | None]) -> lis
     return [configured_options(profile.blocks, j, bw, False, configured[j]) for j in range(len(profile.blocks))]
 
 
-def _unit(n: float) -> str:
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
 class UnreachableBudget(ConfigError):
     """activations.memory_budget is below what any plan reaches; ``smallest`` is the least that is reached."""
 
@@ -301,9 +294,9 @@ class UnreachableBudget(ConfigError):
         self.smallest = int(smallest) + 1 if smallest > int(smallest) else int(smallest)
         also = ", free blocks that activations.blocks sets" if pinned else ""
         super().__init__(
-            f"activations.memory_budget={budget} bytes ({_unit(budget)}) cannot be reached: the smallest budget any "
+            f"activations.memory_budget={budget} bytes ({format_bytes(budget)}) cannot be reached: the smallest budget any "
             f"plan reaches for these blocks{' with the policies activations.blocks sets' if pinned else ''} is "
-            f"{self.smallest} bytes ({_unit(self.smallest)}); set activations.memory_budget to at least "
+            f"{self.smallest} bytes ({format_bytes(self.smallest)}); set activations.memory_budget to at least "
             f"{self.smallest} bytes{also}, or shorten the sequence / micro-batch")
 
 

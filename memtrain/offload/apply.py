@@ -13,21 +13,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule
 
-from memtrain.config import ConfigError, OffloadConfig
+from memtrain.config import ConfigError, OffloadConfig, format_bytes
 from memtrain.offload.host_memory import return_freed_memory_to_os
 from memtrain.offload.optimizer import Entry, OffloadedAdam, Unit, check_supported
 from memtrain.offload.params import ParamOffload
 from memtrain.offload.store import FLOAT_BYTES, StateStore, _round_up, plan_tiers
 from memtrain.sharding.zero1 import zero1_state
 from memtrain.swap import SwapDirectory, SwapEngine
-
-
-def _gib(n: int) -> str:
-    """A size people read at a glance: GiB from 1 GiB up, else MiB, else KiB."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
-        if n >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{n / 2**10:.2f} KiB"
 
 
 @dataclass
@@ -60,10 +52,10 @@ class OffloadResources:
             return_freed_memory_to_os()
         total = sum(self.host_bytes.values()) + nbytes
         if budget is not None and total > budget:
-            held = ", ".join(f"{k} {_gib(v)}" for k, v in {**self.host_bytes, use: nbytes}.items())
+            held = ", ".join(f"{k} {format_bytes(v)}" for k, v in {**self.host_bytes, use: nbytes}.items())
             raise ConfigError(
-                f"offload.host_memory_budget={_gib(budget)} is too small: memtrain's host buffers and host-resident "
-                f"state need {_gib(total)} ({held}). Raise the budget, "
+                f"offload.host_memory_budget={format_bytes(budget)} is too small: memtrain's host buffers and "
+                f"host-resident state need {format_bytes(total)} ({held}). Raise the budget, "
                 + (f"or {remedy}" if remedy else "lower offload.tile_size / offload.prefetch_blocks / "
                    "offload.optimizer_cpu_fraction, or offload more to NVMe")
             )

@@ -23,6 +23,11 @@ def aligned_empty(nbytes: int, pin: bool = False) -> torch.Tensor:
     return raw[shift : shift + nbytes]
 
 
+def pinned_footprint(nbytes: int) -> int:
+    """What torch's pinned allocator locks for ``nbytes``: it rounds each block up to a power of two."""
+    return 1 << (nbytes - 1).bit_length()
+
+
 class HostBufferPool:
     """``count`` buffers of ``buffer_bytes`` each; ``acquire`` blocks until one is free (or times out).
 
@@ -36,7 +41,7 @@ class HostBufferPool:
         buffer_bytes = -(-buffer_bytes // ALIGN) * ALIGN  # whole pages, so O_DIRECT works on every buffer
         self.pin = torch.cuda.is_available() if pin is None else pin
         # torch's pinned allocator rounds each block up to a power of two: count what it really locks.
-        footprint = 1 << (buffer_bytes - 1).bit_length() if self.pin else buffer_bytes
+        footprint = pinned_footprint(buffer_bytes) if self.pin else buffer_bytes
         total = footprint * count
         if budget_bytes is not None and total > budget_bytes:
             raise ValueError(
